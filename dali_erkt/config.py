@@ -1,0 +1,362 @@
+"""Configuration: dataclasses holding the paper's defaults in one place.
+
+Every run writes its fully resolved `Config` as YAML next to its results, and any YAML written
+this way loads back to the same object. `apply_overrides` turns CLI strings such as
+`data.batch_size=64` or `vsm.cutmix.p=0.5` into typed values.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message is one line that says which and what to do."""
+
+
+# --------------------------------------------------------------------------------------------
+# The VSM: nine gated functional units, in the order they run (paper, Table 1).
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ColorJitter:
+    p: float = 1.0
+    # Factors are drawn uniformly from [1 - x, 1 + x] (torchvision's ColorJitter(x, x, x)).
+    # The three adjustments run in one fixed order: brightness, contrast, saturation.
+    brightness: float = 0.5
+    contrast: float = 0.5
+    saturation: float = 0.5
+
+
+@dataclass
+class Rotation:
+    p: float = 1.0
+    degrees: tuple[float, float] = (-180.0, 180.0)  # nearest neighbour, fill 0, same size
+
+
+@dataclass
+class Flip:
+    p: float = 0.9
+
+
+@dataclass
+class Grayscale:
+    p: float = 0.1  # 3-channel gray output
+
+
+@dataclass
+class Autocontrast:
+    p: float = 0.1  # per-channel min/max stretch; a flat channel is left as it is
+
+
+@dataclass
+class Erasing:
+    p: float = 1.0
+    scale: tuple[float, float] = (0.02, 0.33)  # erased area as a fraction of the image
+    ratio: tuple[float, float] = (0.3, 3.3)  # aspect ratio, drawn log-uniformly
+    attempts: int = 10  # torchvision's retry count; no fitting box in 10 tries -> no erase
+
+
+@dataclass
+class ResizedCrop:
+    p: float = 0.1
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    size: int = 176  # crop resized to size x size, then back to the training size
+    attempts: int = 10
+
+
+@dataclass
+class CutMix:
+    p: float = 1.0  # per batch
+    alpha: float = 1.0  # lambda ~ Beta(alpha, alpha)
+
+
+@dataclass
+class VSMConfig:
+    color_jitter: ColorJitter = field(default_factory=ColorJitter)
+    rotation: Rotation = field(default_factory=Rotation)
+    hflip: Flip = field(default_factory=Flip)
+    vflip: Flip = field(default_factory=Flip)
+    grayscale: Grayscale = field(default_factory=Grayscale)
+    autocontrast: Autocontrast = field(default_factory=Autocontrast)
+    erasing: Erasing = field(default_factory=Erasing)
+    resized_crop: ResizedCrop = field(default_factory=ResizedCrop)
+    cutmix: CutMix = field(default_factory=CutMix)
+
+
+# The nine units in pipeline order; names are the VSMConfig field names.
+UNITS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(VSMConfig))
+
+
+def vsm_preset(name: str) -> VSMConfig:
+    """`erkt`: the paper's Table 1. `base`: the paper's ablation baseline (section 4.5)."""
+    if name == "erkt":
+        return VSMConfig()
+    if name == "base":
+        return VSMConfig(hflip=Flip(0.5), vflip=Flip(0.5), erasing=Erasing(p=0.0),
+                         resized_crop=ResizedCrop(p=0.0), cutmix=CutMix(p=0.1))
+    if name == "none":
+        off = VSMConfig()
+        for unit in UNITS:
+            getattr(off, unit).p = 0.0
+        return off
+    raise ConfigError(f"unknown VSM preset {name!r}: choose one of {', '.join(VSM_PRESETS)}")
+
+
+VSM_PRESETS = ("erkt", "base", "none")
+
+
+# --------------------------------------------------------------------------------------------
+# Data, models, loss, optimisation, run.
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class DataConfig:
+    image_size: int = 256  # images are resized to this square first, for training and testing
+    batch_size: int = 30
+    # ImageNet statistics: the CNNs are ImageNet-pretrained in the paper.
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    dtype: str = "float16"  # float16 | float32 (the loader's image dtype)
+    num_threads: int = 4  # DALI CPU threads
+    prefetch: int = 2  # DALI prefetch queue depth (lower it on small cards)
+    drop_last: bool = True  # training batches keep one shape (static shapes for CUDA graphs)
+
+
+@dataclass
+class ModelConfig:
+    student: str = "efficientnet_b0"
+    teachers: tuple[str, ...] = ("efficientnet_b3", "efficientnet_b0", "resnet50")
+    teacher_weights: tuple[float, ...] = (0.4, 0.3, 0.3)
+    combine: str = "probs"  # probs: log of the weighted sum of softmaxes | logits: weighted sum
+    pretrained: bool = False  # timm hub weights (needs network access)
+
+
+@dataclass
+class LossConfig:
+    ratio: float = 1.0  # R in L = R*CE + (2 - R)*2*(L_inter + L_intra)
+    tau: float = 2.0
+    tau_squared: bool = True  # multiply DIST terms by tau^2 as the official DIST code does
+    inter_weight: float = 1.0
+    intra_weight: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    weight_decay: float = 1e-6
+    epochs: int = 600
+    schedule: str = "cosine"  # cosine (to 0 over the run) | constant
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16
+    channels_last: bool = True
+    compile: str = "auto"  # auto (on where CUDA is) | on | off
+    log_every: int = 20  # host reads of the loss happen once per this many steps
+
+
+@dataclass
+class Config:
+    preset: str = "erkt"
+    vsm: VSMConfig = field(default_factory=VSMConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> "Config":
+        validate(self)
+        return self
+
+
+def default_config(preset: str = "erkt") -> Config:
+    return Config(preset=preset, vsm=vsm_preset(preset))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: one clear line per mistake.
+# --------------------------------------------------------------------------------------------
+
+def _check_range(where: str, rng, lo: float | None = None, hi: float | None = None) -> None:
+    a, b = rng
+    if not a < b:
+        raise ConfigError(f"{where} = [{a}, {b}] is empty or reversed: give [low, high] with low < high")
+    if lo is not None and a < lo or hi is not None and b > hi:
+        raise ConfigError(f"{where} = [{a}, {b}] must lie within [{lo}, {hi}]")
+
+
+def validate(cfg: Config) -> None:
+    for unit in UNITS:
+        p = getattr(cfg.vsm, unit).p
+        if not 0.0 <= p <= 1.0:
+            raise ConfigError(f"vsm.{unit}.p = {p} is not a probability: use a value in [0, 1]")
+    cj = cfg.vsm.color_jitter
+    for name in ("brightness", "contrast", "saturation"):
+        v = getattr(cj, name)
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"vsm.color_jitter.{name} = {v} must be in [0, 1] (factors 1 +- {name})")
+    _check_range("vsm.rotation.degrees", cfg.vsm.rotation.degrees, -360.0, 360.0)
+    _check_range("vsm.erasing.scale", cfg.vsm.erasing.scale, 0.0, 1.0)
+    _check_range("vsm.erasing.ratio", cfg.vsm.erasing.ratio, 1e-3, 1e3)
+    _check_range("vsm.resized_crop.scale", cfg.vsm.resized_crop.scale, 0.0, 1.0)
+    _check_range("vsm.resized_crop.ratio", cfg.vsm.resized_crop.ratio, 1e-3, 1e3)
+    for unit in ("erasing", "resized_crop"):
+        n = getattr(cfg.vsm, unit).attempts
+        if not 1 <= n <= 16:
+            raise ConfigError(f"vsm.{unit}.attempts = {n} must be between 1 and 16")
+    if cfg.vsm.resized_crop.size < 8:
+        raise ConfigError(f"vsm.resized_crop.size = {cfg.vsm.resized_crop.size} is too small: use 8 or more")
+    if cfg.vsm.cutmix.alpha <= 0:
+        raise ConfigError(f"vsm.cutmix.alpha = {cfg.vsm.cutmix.alpha} must be > 0")
+    d = cfg.data
+    if d.image_size < 16:
+        raise ConfigError(f"data.image_size = {d.image_size} is too small: use 16 or more")
+    if d.batch_size < 1:
+        raise ConfigError(f"data.batch_size = {d.batch_size} must be at least 1")
+    if d.dtype not in ("float16", "float32"):
+        raise ConfigError(f"data.dtype = {d.dtype!r}: use float16 or float32")
+    if any(s <= 0 for s in d.std):
+        raise ConfigError(f"data.std = {d.std} must be positive")
+    m = cfg.model
+    if len(m.teachers) != len(m.teacher_weights):
+        raise ConfigError(f"model.teachers has {len(m.teachers)} names but model.teacher_weights "
+                          f"{len(m.teacher_weights)} weights: give one weight per teacher")
+    if any(w < 0 for w in m.teacher_weights) or sum(m.teacher_weights) <= 0:
+        raise ConfigError(f"model.teacher_weights = {m.teacher_weights} must be >= 0 with a positive sum")
+    if m.combine not in ("probs", "logits"):
+        raise ConfigError(f"model.combine = {m.combine!r}: use probs or logits")
+    if not 0.0 <= cfg.loss.ratio <= 2.0:
+        raise ConfigError(f"loss.ratio = {cfg.loss.ratio} must be in [0, 2]")
+    if cfg.loss.tau <= 0:
+        raise ConfigError(f"loss.tau = {cfg.loss.tau} must be > 0")
+    if cfg.optim.lr <= 0 or cfg.optim.epochs < 1:
+        raise ConfigError("optim.lr must be > 0 and optim.epochs at least 1")
+    if cfg.optim.schedule not in ("cosine", "constant"):
+        raise ConfigError(f"optim.schedule = {cfg.optim.schedule!r}: use cosine or constant")
+    r = cfg.run
+    if r.precision not in ("auto", "fp32", "fp16", "bf16"):
+        raise ConfigError(f"run.precision = {r.precision!r}: use auto, fp32, fp16 or bf16")
+    if r.compile not in ("auto", "on", "off"):
+        raise ConfigError(f"run.compile = {r.compile!r}: use auto, on or off")
+    if r.log_every < 1:
+        raise ConfigError(f"run.log_every = {r.log_every} must be at least 1")
+
+
+# --------------------------------------------------------------------------------------------
+# Dict / YAML round trip and dotted overrides.
+# --------------------------------------------------------------------------------------------
+
+def to_dict(cfg: Any) -> dict:
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        return v
+    return plain(cfg)
+
+
+def _coerce(where: str, current: Any, value: Any) -> Any:
+    """Convert `value` (from YAML or the CLI) to the type of the field's current value."""
+    try:
+        if isinstance(current, bool):
+            if isinstance(value, str):
+                if value.lower() in ("true", "yes", "on", "1"):
+                    return True
+                if value.lower() in ("false", "no", "off", "0"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if isinstance(current, int):
+            return int(value) if float(value) == int(float(value)) else _bad()
+        if isinstance(current, float):
+            return float(value)
+        if isinstance(current, tuple):
+            if isinstance(value, str):
+                value = yaml.safe_load(value if value.strip().startswith("[") else f"[{value}]")
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            if current and len(value) != len(current) and where not in _VARIABLE_LENGTH:
+                raise ConfigError(f"{where} needs {len(current)} values, got {len(value)}")
+            proto = current[0] if current else value[0] if value else ""
+            return tuple(_coerce(where, proto, v) for v in value)
+        if isinstance(current, str):
+            return str(value)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{where} = {value!r} is not a valid {type(current).__name__}")
+
+
+def _bad():
+    raise ValueError
+
+
+_VARIABLE_LENGTH = {"model.teachers", "model.teacher_weights"}
+
+
+def _update(obj: Any, data: dict, prefix: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            hint = "a unit name: " + ", ".join(UNITS) if prefix == "vsm." else ", ".join(sorted(names))
+            raise ConfigError(f"unknown setting {where!r}: expected {hint}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _update(current, value, where + ".")
+        else:
+            setattr(obj, key, _coerce(where, current, value))
+
+
+def from_dict(data: dict) -> Config:
+    """Build a config: the preset named in `data` (default erkt), then every value given."""
+    data = dict(data or {})
+    cfg = default_config(str(data.get("preset", "erkt")))
+    _update(cfg, data, "")
+    return cfg.validate()
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return from_dict(data or {})
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from .io import atomic_write_text
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply `section.key=value` strings (`vsm.cutmix.p=0.5`, `data.batch_size=64`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        nested: Any = value
+        for part in reversed(parts):
+            nested = {part: nested}
+        if parts[0] == "preset":
+            raise ConfigError("choose the preset with --preset, not an override")
+        _update(cfg, nested, "")
+    return cfg.validate()

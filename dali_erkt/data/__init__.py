@@ -1,0 +1,1 @@
+"""Data: dataset scanning and splits, augmentation plans, the DALI pipeline and loaders."""

@@ -1,0 +1,262 @@
+"""Datasets on disk: scan a folder-per-class tree, draw and save train/test splits, check files.
+
+A split is saved as plain file lists (`train.txt`, `test.txt`: `relative/path<TAB>label`) plus
+`classes.txt` and `split.yaml`, so every run that uses it sees exactly the same images.
+DALI stops on the first corrupt file with no way to skip it, so `check_files` decodes every
+image up front and splits refuse files known to be bad.
+"""
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import Collection, Iterable
+
+import numpy as np
+import yaml
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from ..io import atomic_write_text
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+PARTS = ("train", "test")
+
+
+class DataError(ValueError):
+    """The data is not usable; the message is one line that says what is wrong and what to do."""
+
+
+# --------------------------------------------------------------------------------------------
+# Scanning
+# --------------------------------------------------------------------------------------------
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def scan(root) -> tuple[list[str], list[tuple[str, int]]]:
+    """Return (classes, samples) of an ImageFolder-style tree.
+
+    Classes are the sorted names of the non-hidden sub-folders; samples are (path relative to
+    `root` in POSIX form, class index), class by class, sorted within each class. Images in
+    nested folders below a class folder belong to that class, as in torchvision.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"dataset folder {root} does not exist; check the path")
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder; pass the dataset's top folder (one sub-folder per class)")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root} has no class folders; expected one sub-folder of images per class")
+
+    samples: list[tuple[str, int]] = []
+    empty: list[str] = []
+    for label, name in enumerate(classes):
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # prune hidden folders
+            rel_dir = Path(dirpath).relative_to(root)
+            found += [(rel_dir / f).as_posix() for f in filenames if _is_image(f)]
+        if not found:
+            empty.append(name)
+        samples += [(p, label) for p in sorted(found)]
+    exts = " ".join(IMAGE_EXTENSIONS)
+    if not samples:
+        raise DataError(f"no images ({exts}) found under {root}; check the path and the file types")
+    if empty:
+        raise DataError(f"class folder {empty[0]!r} in {root} has no images ({exts})"
+                        f"{f' (and {len(empty) - 1} more)' if len(empty) > 1 else ''}; "
+                        "add images or remove the folder")
+    return classes, samples
+
+
+# --------------------------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Split:
+    root: str  # absolute path of the dataset folder
+    classes: list[str]
+    train: list[tuple[str, int]]  # (path relative to root, label)
+    test: list[tuple[str, int]]
+    train_ratio: float
+    seed: int
+    stratified: bool
+
+    def _part(self, part: str) -> list[tuple[str, int]]:
+        if part not in PARTS:
+            raise ValueError(f"part must be one of {PARTS}, not {part!r}")
+        return getattr(self, part)
+
+    def paths(self, part: str) -> list[str]:
+        return [os.path.join(self.root, p) for p, _ in self._part(part)]
+
+    def labels(self, part: str) -> list[int]:
+        return [label for _, label in self._part(part)]
+
+
+def _n_train(ratio: float, n: int) -> int:
+    # Round half up (not Python's half-to-even) so odd class sizes behave predictably; keep at
+    # least one image on each side whenever there are two to share.
+    k = math.floor(ratio * n + 0.5)
+    return min(max(k, 1), n - 1) if n >= 2 else k
+
+
+def _name_some(paths: list[str], shown: int = 3) -> str:
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return ", ".join(paths[:shown]) + more
+
+
+def make_split(root, train_ratio: float, seed: int = 0, stratify: bool = True,
+               bad: Collection[str] | None = None) -> Split:
+    """Draw `train_ratio` of the images for training at random (seeded); the rest is test.
+
+    Stratified (default): each class gets round(train_ratio * n_c) training images. Otherwise the
+    training images are drawn from the whole set. Lists keep the scan order.
+    """
+    if not 0.0 < float(train_ratio) < 1.0:
+        raise DataError(f"train ratio must be between 0 and 1 (exclusive), got {train_ratio}")
+    if int(seed) < 0:
+        raise DataError(f"seed must be a non-negative integer, got {seed}")
+    classes, samples = scan(root)
+    root = os.path.abspath(root)
+    if bad:
+        bad_set = {PurePath(p).as_posix() for p in bad}
+        hits = [p for p, _ in samples if p in bad_set]
+        if hits:
+            raise DataError(f"{len(hits)} unreadable image file(s) in {root}: {_name_some(hits)}; "
+                            f"run `dali-erkt check-data {root}` and remove them")
+
+    rng = np.random.Generator(np.random.PCG64(seed))
+    groups = ([[i for i, (_, y) in enumerate(samples) if y == c] for c in range(len(classes))]
+              if stratify else [list(range(len(samples)))])
+    in_train = np.zeros(len(samples), dtype=bool)
+    for idx in groups:
+        chosen = rng.permutation(len(idx))[:_n_train(float(train_ratio), len(idx))]
+        in_train[np.asarray(idx)[chosen]] = True
+    train = [s for s, t in zip(samples, in_train) if t]
+    test = [s for s, t in zip(samples, in_train) if not t]
+    return Split(root, classes, train, test, float(train_ratio), int(seed), bool(stratify))
+
+
+def save_split(split: Split, out_dir) -> Path:
+    """Write the split as file lists into `out_dir` (created if needed); return the folder."""
+    out = Path(out_dir)
+    for path, _ in split.train + split.test:
+        if "\t" in path or "\n" in path:
+            raise DataError(f"file name {path!r} contains a tab or newline; rename it")
+    atomic_write_text(out / "classes.txt", "".join(f"{c}\n" for c in split.classes))
+    for part in PARTS:
+        atomic_write_text(out / f"{part}.txt", "".join(f"{p}\t{y}\n" for p, y in getattr(split, part)))
+    meta = {
+        "root": os.path.abspath(split.root), "train_ratio": split.train_ratio, "seed": split.seed,
+        "stratified": split.stratified, "num_classes": len(split.classes),
+        "num_train": len(split.train), "num_test": len(split.test),
+    }
+    # Written last: a folder with split.yaml has all its lists.
+    atomic_write_text(out / "split.yaml", yaml.safe_dump(meta, sort_keys=False))
+    return out
+
+
+def _read_list(path: Path, n_classes: int) -> list[tuple[str, int]]:
+    items = []
+    for no, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 2 or not fields[0] or not (fields[1].isascii() and fields[1].isdigit()) \
+                or int(fields[1]) >= n_classes:
+            raise DataError(f"{path} line {no} is malformed ({line[:60]!r}); expected "
+                            f"'relative/path<TAB>label' with a label below {n_classes}; "
+                            "write the split again with `dali-erkt split`")
+        items.append((fields[0], int(fields[1])))
+    return items
+
+
+def load_split(split_dir, root=None) -> Split:
+    """Read a split written by `save_split`; `root` overrides the saved dataset folder (moved data)."""
+    d = Path(split_dir)
+    if not d.is_dir():
+        raise DataError(f"split folder {d} does not exist; create it with `dali-erkt split`")
+    for name in ("split.yaml", "classes.txt", "train.txt", "test.txt"):
+        if not (d / name).is_file():
+            raise DataError(f"split folder {d} has no {name}; write the split again with `dali-erkt split`")
+    try:
+        meta = yaml.safe_load((d / "split.yaml").read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a mapping")
+        saved_root, ratio = meta["root"], float(meta["train_ratio"])
+        seed, stratified = int(meta["seed"]), bool(meta["stratified"])
+    except (yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{d / 'split.yaml'} is malformed ({exc}); write the split again") from None
+    classes = [c for c in (d / "classes.txt").read_text().splitlines() if c]
+    train, test = (_read_list(d / f"{part}.txt", len(classes)) for part in PARTS)
+    for part, items in (("train", train), ("test", test)):
+        if f"num_{part}" in meta and meta[f"num_{part}"] != len(items):
+            raise DataError(f"{d / (part + '.txt')} lists {len(items)} images but split.yaml says "
+                            f"{meta[f'num_{part}']}; write the split again")
+
+    root = os.path.abspath(root if root is not None else saved_root)
+    for path, _ in train + test:
+        if not os.path.isfile(os.path.join(root, path)):
+            raise DataError(f"{path} listed in split {d} is missing under {root}; if the dataset "
+                            "moved, pass its new folder as root, otherwise write the split again")
+    return Split(root, classes, train, test, ratio, seed, stratified)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    im = ImageOps.exif_transpose(im)  # DALI's decoders honour EXIF orientation by default
+    if im.mode.startswith("I;16") or im.mode == "I":
+        # Pillow's convert("RGB") clips 16-bit values at 255; keep the top byte like OpenCV does.
+        gray = (np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if im.mode == "F":
+        gray = np.asarray(im).clip(0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def load_rgb(path) -> np.ndarray:
+    """Decode an image into a uint8 HxWx3 RGB array (gray, palette, RGBA, CMYK, 16-bit included)."""
+    with Image.open(path) as im:
+        im.load()
+        return _to_rgb(im)
+
+
+def _why_unreadable(path: str) -> str | None:
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        load_rgb(path)
+        return None
+    except FileNotFoundError:
+        return "missing"
+    except UnidentifiedImageError:
+        return "not an image (format not recognised)"
+    except Exception as exc:  # any decoder failure makes the file unusable
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "truncated" in msg.lower():
+            return msg if msg.startswith("image file is truncated") else f"truncated: {msg}"
+        return f"cannot decode: {msg[:100]}"
+
+
+def check_files(root, rel_paths: Iterable[str], workers: int = 2) -> list[tuple[str, str]]:
+    """Decode every file fully; return (relative path, reason) for each unreadable one, in order."""
+    rel_paths = list(rel_paths)
+    # A truncated file must fail here, so force Pillow's strict mode while checking.
+    previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        # Threads suffice: Pillow's decoders release the GIL.
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            reasons = list(pool.map(lambda p: _why_unreadable(os.path.join(root, p)), rel_paths))
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+    return [(p, r) for p, r in zip(rel_paths, reasons) if r is not None]

@@ -1,0 +1,156 @@
+"""The torchvision twin of the VSM: the same plan applied with torchvision's functional ops.
+
+It is the reference the tests compare the DALI pipeline with, and (as `ReferenceLoader`) the
+paper-style torchvision DataLoader that the benchmark measures DALI against. Images are float
+tensors in [0, 1], CHW; the units run in the paper's order with the plan's parameters.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as F
+from torchvision.transforms import InterpolationMode
+
+from ..config import Config
+from .dataset import load_rgb
+from .plan import BatchPlan, make_batch_plan
+from .source import EpochSource
+
+
+def to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """HWC uint8 -> CHW float [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 255.0
+
+
+def resize(img: torch.Tensor, size: int) -> torch.Tensor:
+    return F.resize(img, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
+def apply_sample(img: torch.Tensor, plan: BatchPlan, i: int, cfg: Config) -> torch.Tensor:
+    """Units 1-8 (all but CutMix) on sample i of the plan."""
+    g = {unit: bool(v[i]) for unit, v in plan.gates.items()}
+    if g["color_jitter"]:
+        img = F.adjust_brightness(img, float(plan.brightness[i]))
+        img = F.adjust_contrast(img, float(plan.contrast[i]))
+        img = F.adjust_saturation(img, float(plan.saturation[i]))
+    if g["rotation"]:
+        img = F.rotate(img, float(plan.angle[i]), interpolation=InterpolationMode.NEAREST, fill=0.0)
+    if g["hflip"]:
+        img = F.horizontal_flip(img)
+    if g["vflip"]:
+        img = F.vertical_flip(img)
+    if g["grayscale"]:
+        img = F.rgb_to_grayscale(img, num_output_channels=3)
+    if g["autocontrast"]:
+        img = F.autocontrast(img)
+    y, x, h, w = (int(v) for v in plan.erase_box[i])
+    if g["erasing"] and h > 0 and w > 0:
+        fill = torch.tensor(cfg.data.mean, dtype=img.dtype).view(3, 1, 1)
+        img = F.erase(img, y, x, h, w, fill)
+    if g["resized_crop"]:
+        y, x, h, w = (int(v) for v in plan.crop_box[i])
+        crop = cfg.vsm.resized_crop.size
+        img = F.resized_crop(img, y, x, h, w, [crop, crop], interpolation=InterpolationMode.BILINEAR,
+                             antialias=True)
+        img = resize(img, cfg.data.image_size)
+    return img
+
+
+def apply_cutmix(images: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
+    """Unit 9: paste each sample's partner box (one box per batch) into it."""
+    y, x, h, w = (int(v) for v in plan.cutmix_box)
+    if h == 0 or w == 0:
+        return images
+    out = images.clone()
+    out[:, :, y:y + h, x:x + w] = images[torch.as_tensor(plan.cutmix_perm), :, y:y + h, x:x + w]
+    return out
+
+
+def normalize(images: torch.Tensor, cfg: Config) -> torch.Tensor:
+    return F.normalize(images, list(cfg.data.mean), list(cfg.data.std))
+
+
+def apply_plan(images: list[torch.Tensor], plan: BatchPlan, cfg: Config) -> torch.Tensor:
+    """The nine units on a batch of [0, 1] CHW images (already at the training size)."""
+    out = torch.stack([apply_sample(img, plan, i, cfg) for i, img in enumerate(images)])
+    return apply_cutmix(out, plan)
+
+
+# --------------------------------------------------------------------------------------------
+# The paper-style loader: torchvision DataLoader with worker processes, same plan as DALI.
+# --------------------------------------------------------------------------------------------
+
+class _PlanDataset(torch.utils.data.Dataset):
+    def __init__(self, source: EpochSource):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source.paths)
+
+    def __getitem__(self, key):
+        epoch, batch, pos, idx = key
+        src = self.source
+        size = src.cfg.data.image_size
+        img = resize(to_tensor(load_rgb(src.paths[idx])), size)
+        if src.train:
+            # A sample's parameters depend only on (seed, epoch, index): a one-sample plan
+            # gives the same view as the full batch's plan.
+            plan = make_batch_plan(src.cfg.vsm, size, src.seed, epoch, batch, np.array([idx]),
+                                   rank=src.rank)
+            img = apply_sample(img, plan, 0, src.cfg)
+        return img, int(src.labels[idx]), key
+
+
+class _BatchKeys(torch.utils.data.Sampler):
+    def __init__(self, source: EpochSource):
+        self.source = source
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.source)
+
+    def __iter__(self):
+        for b in range(len(self.source)):
+            idx = self.source.batch_indices(self.epoch, b)
+            yield [(self.epoch, b, p, int(i)) for p, i in enumerate(idx)]
+
+
+class ReferenceLoader:
+    """torchvision DataLoader yielding the same `Batch`es as `DaliLoader` (CPU tensors, fp32)."""
+
+    def __init__(self, paths, labels, cfg: Config, train: bool = True, seed: int = 0,
+                 workers: int = 2, batch_size: int | None = None):
+        self.source = EpochSource(paths, labels, cfg, train, seed, batch_size=batch_size)
+        self.cfg = cfg
+        self.sampler = _BatchKeys(self.source)
+        self.loader = torch.utils.data.DataLoader(
+            _PlanDataset(self.source), batch_sampler=self.sampler, num_workers=workers,
+            collate_fn=self._collate, persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available())
+
+    def __len__(self):
+        return len(self.source)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.epoch = epoch
+
+    def _collate(self, items):
+        from .loader import Batch
+        images = torch.stack([it[0] for it in items])
+        labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
+        epoch, batch = items[0][2][0], items[0][2][1]
+        idx = np.array([it[2][3] for it in items], dtype=np.int64)
+        if self.source.train:
+            src = self.source
+            plan = make_batch_plan(src.cfg.vsm, src.cfg.data.image_size, src.seed, epoch, batch, idx,
+                                   rank=src.rank)
+            images = apply_cutmix(images, plan)
+            partner = labels[torch.as_tensor(plan.cutmix_perm)]
+            weight = torch.as_tensor(plan.cutmix_weight)
+        else:
+            partner, weight = labels, torch.zeros(len(labels))
+        images = normalize(images, self.cfg).contiguous(memory_format=torch.channels_last)
+        return Batch(images, labels, partner, weight, torch.as_tensor(idx))
+
+    def __iter__(self):
+        return iter(self.loader)

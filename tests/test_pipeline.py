@@ -1,0 +1,192 @@
+"""The DALI pipeline (CPU variant) against the torchvision twin, on identical plans."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dali_erkt.config import UNITS, default_config, vsm_preset
+from dali_erkt.data import reference
+from dali_erkt.data.loader import DaliLoader
+from dali_erkt.data.plan import make_batch_plan
+
+S = 48  # image size for these tests: small, so the CPU pipeline is quick
+
+
+def make_images(folder, n, size=S, seed=0):
+    """n PNG files (lossless, so DALI and Pillow decode identical pixels) of smooth scenes."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    paths = []
+    for i in range(n):
+        f = rng.uniform(1, 4, size=3)
+        img = np.stack([np.sin(2 * np.pi * (f[c] * xx + (c + 1) * yy) + i) for c in range(3)], -1)
+        img = (127.5 + 100 * img + rng.normal(0, 8, img.shape)).clip(0, 255).astype(np.uint8)
+        p = folder / f"{i:03d}.png"
+        Image.fromarray(img).save(p)
+        paths.append(p)
+    return paths
+
+
+def only(unit: str | None, p: float = 1.0):
+    """A config where `unit` alone runs, with probability p; fp32 output for comparisons."""
+    cfg = default_config()
+    cfg.vsm = vsm_preset("none")
+    if unit:
+        getattr(cfg.vsm, unit).p = p
+    cfg.data.image_size = S
+    cfg.data.batch_size = 8
+    cfg.data.num_threads = 2
+    cfg.data.dtype = "float32"
+    return cfg
+
+
+def run_and_replay(paths, cfg, seed=3, epoch=0):
+    """One epoch's first batch from the DALI CPU pipeline and the twin's replay of its plan."""
+    loader = DaliLoader(paths, [0] * len(paths), cfg, device="cpu", train=True, seed=seed)
+    loader.set_epoch(epoch)
+    batch = next(iter(loader))
+    idx = batch.indices.numpy()
+    plan = make_batch_plan(cfg.vsm, S, seed, epoch, 0, idx)
+    imgs = [reference.to_tensor(np.asarray(Image.open(paths[i]).convert("RGB"))) for i in idx]
+    twin = reference.normalize(reference.apply_plan(imgs, plan, cfg), cfg)
+    mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+    to255 = lambda t: (t.float() * std + mean) * 255.0  # back to pixel levels
+    return to255(batch.images), to255(twin), plan, batch
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("imgs"), 24)
+
+
+# Per unit: (max mean absolute error in levels of 255, max single-pixel error in levels).
+# Rotation and the crop's resampling may differ on a few boundary pixels (nearest-neighbour
+# ties, antialias filter support); the exact units must agree to float rounding.
+
+# Measured on these images: every unit but the crop agrees exactly; the crop's resampling
+# differs by 0.27 levels on average (16 at most).
+TOLERANCE = {
+    None: (1e-3, 0.01),
+    "color_jitter": (0.01, 0.1),
+    "hflip": (1e-3, 0.01),
+    "vflip": (1e-3, 0.01),
+    "grayscale": (0.01, 0.1),
+    "autocontrast": (0.01, 0.1),
+    "erasing": (1e-3, 0.01),
+    "cutmix": (1e-3, 0.01),
+    "rotation": (0.5, 255.0),
+    "resized_crop": (0.5, 32.0),
+}
+
+
+@pytest.mark.parametrize("unit", list(TOLERANCE))
+def test_unit_matches_torchvision_twin(paths, unit):
+    cfg = only(unit)
+    dali, twin, plan, _ = run_and_replay(paths, cfg)
+    err = (dali - twin).abs()
+    mean_tol, max_tol = TOLERANCE[unit]
+    assert err.mean().item() <= mean_tol, f"{unit}: mean error {err.mean().item():.4f}"
+    assert err.max().item() <= max_tol, f"{unit}: max error {err.max().item():.3f}"
+    if unit not in (None, "cutmix"):
+        # The unit really changed the images (so the comparison is not trivially identity).
+        untouched = reference.normalize(torch.stack(
+            [reference.to_tensor(np.asarray(Image.open(paths[i]).convert("RGB")))
+             for i in plan.indices]), cfg)
+        assert not torch.allclose(twin, (untouched * torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+                                         + torch.tensor(cfg.data.mean).view(1, 3, 1, 1)) * 255)
+
+
+def test_flip_and_grayscale_exact(paths):
+    cfg = only(None)
+    cfg.vsm.hflip.p = cfg.vsm.vflip.p = cfg.vsm.grayscale.p = 0.5
+    dali, twin, _, _ = run_and_replay(paths, cfg)
+    assert (dali - twin).abs().max().item() <= 1.0  # within one level
+
+
+def test_gate_selects_exactly_the_planned_samples(paths):
+    """A p = 0.5 unit runs inside a DALI conditional: gray output exactly where the plan says."""
+    cfg = only("grayscale", 0.5)
+    cfg.data.batch_size = 24
+    dali, _, plan, _ = run_and_replay(paths, cfg)
+    is_gray = ((dali[:, 0] - dali[:, 1]).abs().amax(dim=(1, 2)) < 0.05).numpy()
+    assert 0 < plan.gates["grayscale"].sum() < len(plan)
+    np.testing.assert_array_equal(is_gray, plan.gates["grayscale"])
+
+
+def test_cutmix_weight_is_pasted_area(paths):
+    cfg = only("cutmix")
+    dali, _, plan, batch = run_and_replay(paths, cfg)
+    y, x, h, w = plan.cutmix_box
+    assert h * w > 0
+    np.testing.assert_allclose(batch.mix_weight.numpy(), h * w / (S * S), rtol=1e-6)
+    # Pasted pixels are the partner's, the rest the sample's own.
+    perm = plan.cutmix_perm
+    plain = only(None)
+    base, _, _, _ = run_and_replay(paths, plain)  # same seed and epoch: same order
+    torch.testing.assert_close(dali[:, :, y:y + h, x:x + w], base[perm][:, :, y:y + h, x:x + w])
+    mask = torch.ones(S, S, dtype=torch.bool)
+    mask[y:y + h, x:x + w] = False
+    torch.testing.assert_close(dali[:, :, mask], base[:, :, mask])
+    np.testing.assert_array_equal(batch.partner_labels.numpy(), batch.labels.numpy()[perm])
+
+
+def test_erasing_fills_with_mean_colour(paths):
+    cfg = only("erasing")
+    _, _, plan, batch = run_and_replay(paths, cfg)
+    for i in range(len(plan)):
+        y, x, h, w = plan.erase_box[i]
+        if h:
+            region = batch.images[i, :, y:y + h, x:x + w].float()
+            assert region.abs().max().item() < 1e-5  # 0 after normalisation
+
+
+def test_output_shape_dtype_layout(paths):
+    cfg = default_config()
+    cfg.data.image_size, cfg.data.batch_size, cfg.data.num_threads = S, 8, 2
+    loader = DaliLoader(paths, list(range(len(paths))), cfg, device="cpu", seed=1)
+    batch = next(iter(loader))
+    assert batch.images.shape == (8, 3, S, S)
+    assert batch.images.dtype == torch.float16
+    assert batch.images.is_contiguous(memory_format=torch.channels_last)
+    assert batch.labels.dtype == batch.partner_labels.dtype == batch.indices.dtype == torch.int64
+    assert batch.mix_weight.dtype == torch.float32
+    np.testing.assert_array_equal(batch.labels.numpy(), batch.indices.numpy())
+    cfg.data.dtype = "float32"
+    loader = DaliLoader(paths, list(range(len(paths))), cfg, device="cpu", seed=1)
+    assert next(iter(loader)).images.dtype == torch.float32
+
+
+def test_full_erkt_preset_matches_twin(paths):
+    """All nine units together, on the paper's probabilities."""
+    cfg = only(None)
+    cfg.vsm = vsm_preset("erkt")
+    dali, twin, _, _ = run_and_replay(paths, cfg, seed=11)
+    err = (dali - twin).abs()
+    assert err.mean().item() < 0.5, err.mean().item()  # the crop's resampling only
+    assert (err > 2.0).float().mean().item() < 0.01
+
+
+def test_every_unit_name_has_a_tolerance():
+    assert set(UNITS) == {u for u in TOLERANCE if u}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: compares the GPU pipeline with the CPU one")
+def test_gpu_pipeline_matches_cpu(paths):
+    cfg = only(None)
+    cfg.vsm = vsm_preset("erkt")
+    cfg.data.batch_size = 24
+    out = {}
+    for device in ("cpu", "cuda:0"):
+        loader = DaliLoader(paths, list(range(len(paths))), cfg, device=device, seed=5)
+        loader.set_epoch(2)
+        out[device] = next(iter(loader))
+    cpu, gpu = out["cpu"], out["cuda:0"]
+    assert gpu.images.is_cuda and gpu.labels.is_cuda
+    np.testing.assert_array_equal(cpu.indices.numpy(), gpu.indices.cpu().numpy())
+    np.testing.assert_allclose(cpu.mix_weight.numpy(), gpu.mix_weight.cpu().numpy())
+    err = (cpu.images.float() - gpu.images.float().cpu()).abs() * 0.225 * 255
+    assert err.mean().item() < 1.0, err.mean().item()
