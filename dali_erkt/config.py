@@ -161,7 +161,10 @@ class RunConfig:
     precision: str = "auto"  # auto | fp32 | fp16 | bf16
     channels_last: bool = True
     compile: str = "auto"  # auto (on where CUDA is) | on | off
+    # reduce-overhead captures CUDA graphs: at batch 30 the step is bound by kernel launches.
+    compile_mode: str = "reduce-overhead"
     log_every: int = 20  # host reads of the loss happen once per this many steps
+    eval_every: int = 1  # evaluate on the test split every this many epochs (and after the last)
 
 
 @dataclass
@@ -248,6 +251,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.precision = {r.precision!r}: use auto, fp32, fp16 or bf16")
     if r.compile not in ("auto", "on", "off"):
         raise ConfigError(f"run.compile = {r.compile!r}: use auto, on or off")
+    if r.compile_mode not in ("default", "reduce-overhead", "max-autotune",
+                              "max-autotune-no-cudagraphs"):
+        raise ConfigError(f"run.compile_mode = {r.compile_mode!r}: use default, reduce-overhead, "
+                          "max-autotune or max-autotune-no-cudagraphs")
+    if r.eval_every < 1:
+        raise ConfigError(f"run.eval_every = {r.eval_every} must be at least 1")
     if r.log_every < 1:
         raise ConfigError(f"run.log_every = {r.log_every} must be at least 1")
 

@@ -1,0 +1,163 @@
+"""Checkpoints: atomic saves, loads that never run code, and strict weight loading into a model.
+
+A checkpoint is plain data (tensors, numbers, strings, lists, dicts) so `torch.load(weights_only=True)`
+can read it: a file that needs code to unpickle is refused, never executed. Our own checkpoints are
+dicts with a "model" state dict and an "arch" name; bare state dicts and `.safetensors` files load too.
+"""
+from __future__ import annotations
+
+import collections
+import pickle
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .io import atomic_write
+
+_PLAIN = "only plain-tensor checkpoints (tensors, numbers, strings, lists, dicts) are accepted"
+# Wrappers that prefix every key: DistributedDataParallel and torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_LEAF_TYPES = (torch.Tensor, bool, int, float, complex, str, bytes, type(None), torch.dtype,
+               torch.device)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit; the message is one line."""
+
+
+def _check_plain(value, where: str, path) -> None:
+    """Refuse, before writing, anything `weights_only=True` could not read back."""
+    if isinstance(value, _LEAF_TYPES):
+        return
+    if type(value) in (dict, collections.OrderedDict):
+        for key, item in value.items():
+            _check_plain(key, f"{where} key", path)
+            _check_plain(item, f"{where}[{key!r}]", path)
+        return
+    if type(value) in (list, tuple, torch.Size):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]", path)
+        return
+    raise CheckpointError(f"cannot save checkpoint {path}: {where} is a {type(value).__name__}; {_PLAIN}")
+
+
+def save_checkpoint(path, state: dict) -> None:
+    """Write `state` with torch.save; the file is either the old one or the complete new one."""
+    _check_plain(state, "state", path)
+    atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Read a torch checkpoint without running any code stored in it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found:
+            raise CheckpointError(f"checkpoint {path} needs code to load ({found.group(1)}): "
+                                  f"{_PLAIN}") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file: {_PLAIN}") from None
+    except PermissionError:
+        raise CheckpointError(f"checkpoint {path} cannot be read: permission denied") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = (str(exc).split(". ")[0].splitlines() or [type(exc).__name__])[0][:120]
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file ({first}): "
+                              f"{_PLAIN}") from None
+
+
+def _read_state(path: Path) -> tuple[dict, str | None]:
+    """The state dict in `path` and the arch it records (None where it records none)."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        try:
+            return load_file(str(path), device="cpu"), None
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {path} is not a valid safetensors file "
+                                  f"({str(exc).splitlines()[0][:120]})") from None
+    obj = load_checkpoint(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+    arch = obj.get("arch") if isinstance(obj.get("arch"), str) else None
+    # Ours use "model"; timm's training script uses "state_dict".
+    for key in ("model", "state_dict"):
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"checkpoint {path} is not a state dict: expected tensors, or a dict "
+                              "with a 'model' state dict")
+    return obj, arch
+
+
+def _strip_prefixes(state: dict) -> dict:
+    out = {}
+    for key, value in state.items():
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+def _base_arch(name: str) -> str:
+    return name.split(".", 1)[0]  # timm's "resnet50.a1_in1k" is the resnet50 architecture
+
+
+def _head_prefix(model: nn.Module) -> str | None:
+    """The classifier's module name in timm models ("classifier", "fc", "head.fc"), else None."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("classifier")
+    return name if isinstance(name, str) else None
+
+
+def _listing(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def load_weights(model: nn.Module, path, arch: str | None = None,
+                 allow_head_mismatch: bool = False) -> list[str]:
+    """Load weights into `model` strictly; return the keys left out (the classifier, see below).
+
+    `arch` (a timm name) is checked against the arch our checkpoints record. With
+    `allow_head_mismatch`, a classifier whose class count differs (a user's ImageNet backbone) or
+    that is absent is left at its initialisation and everything else loads; otherwise that is an
+    error.
+    """
+    path = Path(path)
+    state, recorded = _read_state(path)
+    if arch is not None and recorded is not None and _base_arch(recorded) != _base_arch(arch):
+        raise CheckpointError(f"checkpoint {path} is for {recorded}, expected {arch}")
+    state = _strip_prefixes(state)
+    own = model.state_dict()
+    head = _head_prefix(model)
+    head_w = f"{head}.weight"
+    if head and head_w in state and head_w in own and state[head_w].shape != own[head_w].shape:
+        theirs, ours = state[head_w].shape[0], own[head_w].shape[0]
+        if not allow_head_mismatch:
+            raise CheckpointError(f"checkpoint {path} has a {theirs}-class classifier, the model "
+                                  f"has {ours} classes: use weights trained on this dataset")
+        state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
+    missing = [k for k in own if k not in state]
+    # A backbone's weights may lack the classifier or have had it dropped above: it keeps its init.
+    skipped = [k for k in missing if allow_head_mismatch and head and k.startswith(head + ".")]
+    missing = [k for k in missing if k not in skipped]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = [f"{len(missing)} missing keys ({_listing(missing)})" if missing else "",
+                 f"{len(unexpected)} unexpected keys ({_listing(unexpected)})" if unexpected else ""]
+        raise CheckpointError(f"checkpoint {path} does not fit {arch or type(model).__name__}: "
+                              + ", ".join(p for p in parts if p))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+             for k in state if state[k].shape != own[k].shape]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path} does not fit {arch or type(model).__name__}: "
+                              f"{len(wrong)} tensors differ in shape ({_listing(wrong)})")
+    model.load_state_dict(state, strict=not skipped)
+    return skipped

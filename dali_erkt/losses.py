@@ -1,0 +1,104 @@
+"""The ERKT loss: CutMix cross-entropy plus DIST (Huang et al., 2022), as pure functions.
+
+    L = R * CE + (2 - R) * 2 * (L_inter + L_intra)
+
+Everything is computed in float32, also under autocast: the Pearson terms subtract close numbers
+and fp16 would round them away.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import LossConfig
+
+
+# Guards the Pearson denominator against a constant row or column (1e-12 lets saturated softmax
+# outputs overflow the gradient). It is negligible against real products of norms, except for
+# tiny batches: over a batch of 2, a column's two probabilities may differ by ~1e-3 only.
+EPS = 1e-8
+
+
+def _fp32(t: torch.Tensor):
+    """A context that switches autocast off on `t`'s device, so no op inside is downcast."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def pearson_distance(a: torch.Tensor, b: torch.Tensor, dim: int = -1, eps: float = EPS) -> torch.Tensor:
+    """1 - Pearson correlation of `a` and `b` along `dim`:
+    1 - (a - mean a).(b - mean b) / (||a - mean a|| ||b - mean b|| + eps).
+
+    vector_norm's gradient at a zero vector is 0, so a constant row (or column) gives distance 1
+    and no gradient, not NaN or a 1/eps blow-up; the fused kernel in `dali_erkt.kernels` computes
+    exactly this and is tested against it.
+    """
+    a = a - a.mean(dim, keepdim=True)
+    b = b - b.mean(dim, keepdim=True)
+    num = (a * b).sum(dim)
+    den = torch.linalg.vector_norm(a, dim=dim) * torch.linalg.vector_norm(b, dim=dim) + eps
+    return 1.0 - num / den
+
+
+def inter_class_relation(p_s: torch.Tensor, p_t: torch.Tensor) -> torch.Tensor:
+    """Per sample, across classes; mean over the batch. Inputs are (B, C) probabilities."""
+    return pearson_distance(p_s, p_t, dim=1).mean()
+
+
+def intra_class_relation(p_s: torch.Tensor, p_t: torch.Tensor) -> torch.Tensor:
+    """Per class, across the batch; mean over classes."""
+    return pearson_distance(p_s, p_t, dim=0).mean()
+
+
+def dist_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 2.0,
+               tau_squared: bool = True, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unweighted DIST terms (inter, intra), times tau^2 with `tau_squared`, in float32.
+
+    The official DIST code multiplies by tau^2 (keeping gradient scale across temperatures); the
+    paper's formula omits it. The teacher is a fixed target: no gradient flows into it.
+    """
+    with _fp32(student_logits):
+        p_s = F.softmax(student_logits.float() / tau, dim=1)
+        p_t = F.softmax(teacher_logits.detach().float() / tau, dim=1)
+        scale = tau * tau if tau_squared else 1.0
+        inter = pearson_distance(p_s, p_t, dim=1, eps=eps).mean()  # per sample, across classes
+        intra = pearson_distance(p_s, p_t, dim=0, eps=eps).mean()  # per class, across the batch
+        return scale * inter, scale * intra
+
+
+def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 2.0,
+              tau_squared: bool = True, inter_weight: float = 1.0,
+              intra_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two DIST terms (inter, intra), each weighted and, with `tau_squared`, times tau^2.
+
+    Computed by `dali_erkt.kernels.dist_terms`: this module's `dist_terms` by default, the fused
+    Triton kernel where it is switched on (see kernels/README.md).
+    """
+    from dali_erkt.kernels import dist_terms as dispatch
+
+    inter, intra = dispatch(student_logits, teacher_logits.detach(), tau, tau_squared)
+    return inter_weight * inter, intra_weight * intra
+
+
+def cutmix_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, partner_labels: torch.Tensor,
+                         partner_weight) -> torch.Tensor:
+    """mean_i[(1 - w_i) CE(y_i) + w_i CE(y_partner_i)]; w is per sample (B,) or a scalar.
+
+    w_i is the area of sample i covered by its CutMix partner's box (0 where nothing was pasted).
+    """
+    with _fp32(logits):
+        logp = F.log_softmax(logits.float(), dim=1)
+        ce_own = -logp.gather(1, labels.long().view(-1, 1)).squeeze(1)
+        ce_partner = -logp.gather(1, partner_labels.long().view(-1, 1)).squeeze(1)
+        w = torch.as_tensor(partner_weight, dtype=torch.float32, device=logp.device)
+        return ((1.0 - w) * ce_own + w * ce_partner).mean()
+
+
+def erkt_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+              partner_labels: torch.Tensor, partner_weight, cfg: LossConfig) -> dict:
+    """{"loss", "ce", "inter", "intra"}: inter and intra as they enter the sum (weighted, tau^2)."""
+    ce = cutmix_cross_entropy(student_logits, labels, partner_labels, partner_weight)
+    inter, intra = dist_loss(student_logits, teacher_logits, cfg.tau, cfg.tau_squared,
+                             cfg.inter_weight, cfg.intra_weight)
+    r = cfg.ratio
+    return {"loss": r * ce + (2.0 - r) * 2.0 * (inter + intra), "ce": ce, "inter": inter,
+            "intra": intra}
