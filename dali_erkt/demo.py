@@ -79,11 +79,13 @@ def run_demo(out_dir, device: str, progress: bool = True, settings: DemoSettings
     save_split(split, out / "split")
 
     teacher_cfg = demo_config("base", s, s.teacher_epochs, device)
-    teachers = {}
-    for arch in teacher_cfg.model.teachers:
-        teachers[arch] = fit(teacher_cfg, split, out / "teachers" / arch, arch, progress=progress,
+    teachers, paths = {}, []
+    for k, arch in enumerate(teacher_cfg.model.teachers):
+        name = arch if teacher_cfg.model.teachers.count(arch) == 1 else f"{arch}-{k}"
+        teacher_cfg.run.seed = k  # distinct initialisations when an arch repeats
+        teachers[name] = fit(teacher_cfg, split, out / "teachers" / name, arch, progress=progress,
                              kind="teacher")
-    paths = [out / "teachers" / arch / "last.pt" for arch in teacher_cfg.model.teachers]
+        paths.append(out / "teachers" / name / "last.pt")
 
     student_cfg = demo_config("erkt", s, s.student_epochs, device)
     ensemble = load_ensemble(paths, student_cfg.model.teacher_weights, student_cfg.model.combine,

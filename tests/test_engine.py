@@ -1,0 +1,225 @@
+"""The training loop on the CPU: learning, resume, divergence, run folders, and the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from dali_erkt import engine
+from dali_erkt.checkpoint import load_checkpoint
+from dali_erkt.cli import main
+from dali_erkt.config import ConfigError, default_config, from_dict
+from dali_erkt.data.dataset import load_split, make_split, save_split
+from dali_erkt.demo import DemoSettings, run_demo
+from dali_erkt.evaluation import load_ensemble
+from dali_erkt.synthetic import make_scenes
+
+SIZE = 32
+ARCH = "resnet10t"  # small and quick to learn from scratch (see demo.py)
+
+
+def tiny_config(preset="erkt", epochs=2):
+    cfg = default_config(preset)
+    cfg.data.image_size = SIZE
+    cfg.data.batch_size = 12
+    cfg.data.num_threads = 2
+    cfg.optim.epochs = epochs
+    cfg.optim.lr = 2e-3
+    cfg.run.device = "cpu"
+    cfg.run.log_every = 2
+    cfg.model.teachers, cfg.model.teacher_weights, cfg.model.student = (ARCH, ARCH), (0.6, 0.4), ARCH
+    return cfg.validate()
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    root = make_scenes(tmp_path_factory.mktemp("scenes"), classes=4, per_class=30, size=SIZE)
+    return make_split(root, 0.5, seed=0)
+
+
+@pytest.fixture(scope="module")
+def teachers(split, tmp_path_factory):
+    """Two briefly trained teachers (CE, base preset) and their checkpoints."""
+    out = tmp_path_factory.mktemp("teachers")
+    cfg = tiny_config("base", epochs=8)
+    paths = []
+    for k in range(2):
+        cfg.run.seed = k
+        engine.fit(cfg, split, out / f"t{k}", ARCH, progress=False)
+        paths.append(out / f"t{k}" / "last.pt")
+    return paths
+
+
+def test_distillation_beats_chance(split, teachers, tmp_path):
+    cfg = tiny_config("erkt", epochs=8)
+    ens = load_ensemble(teachers, cfg.model.teacher_weights, cfg.model.combine, split.classes)
+    s = engine.fit(cfg, split, tmp_path / "student", ARCH, teacher=ens, progress=False)
+    chance = 1 / len(split.classes)
+    # Measured: about 0.75 (4 classes, 60 training images, 8 epochs); the margin asked is +0.25.
+    assert s["last_oa"] >= chance + 0.25, s
+    assert 0.0 <= s["agreement"] <= 1.0
+    log = [json.loads(line) for line in (tmp_path / "student" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == list(range(1, 9))
+    assert all(k in log[-1] for k in ("loss", "ce", "inter", "intra", "oa", "agreement", "images_per_s"))
+    assert log[-1]["lr"] < log[0]["lr"]  # cosine decay
+    saved = from_dict(yaml.safe_load((tmp_path / "student" / "config.yaml").read_text()))
+    assert saved == cfg
+
+
+def _fit_stopped_after_first_epoch(cfg, split, out, teacher, monkeypatch):
+    """Run `fit` and kill it right after epoch 1's checkpoint and log are written."""
+    real = engine._write_log
+
+    def write_then_stop(out_dir, history):
+        real(out_dir, history)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_write_log", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        engine.fit(cfg, split, out, ARCH, teacher=teacher, progress=False)
+    monkeypatch.setattr(engine, "_write_log", real)
+
+
+def test_resume_continues_exactly(split, teachers, tmp_path, monkeypatch):
+    cfg = tiny_config("erkt", epochs=2)
+    ens = load_ensemble(teachers, cfg.model.teacher_weights, cfg.model.combine, split.classes)
+    full = engine.fit(cfg, split, tmp_path / "full", ARCH, teacher=ens, progress=False)
+
+    _fit_stopped_after_first_epoch(cfg, split, tmp_path / "cut", ens, monkeypatch)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 0
+    resumed = engine.fit(cfg, split, tmp_path / "cut", ARCH, teacher=ens, resume=True, progress=False)
+
+    assert resumed["last_oa"] == full["last_oa"] and resumed["agreement"] == full["agreement"]
+    a = load_checkpoint(tmp_path / "full" / "last.pt")
+    b = load_checkpoint(tmp_path / "cut" / "last.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    strip = lambda h: [{k: v for k, v in r.items() if "second" not in k and "per_s" not in k} for r in h]
+    assert strip(a["history"]) == strip(b["history"])
+
+
+def test_an_existing_run_is_not_overwritten(split, tmp_path):
+    cfg = tiny_config("base", epochs=1)
+    engine.fit(cfg, split, tmp_path / "run", ARCH, progress=False)
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        engine.fit(cfg, split, tmp_path / "run", ARCH, progress=False)
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+
+
+def test_nan_loss_stops_with_last_good_checkpoint_intact(split, tmp_path, monkeypatch):
+    cfg = tiny_config("base", epochs=3)
+    real = engine.cutmix_cross_entropy
+    calls = {"n": 0}
+    steps_per_epoch = len(split.train) // cfg.data.batch_size
+
+    def poisoned(*args):
+        calls["n"] += 1
+        loss = real(*args)
+        return loss * float("nan") if calls["n"] > steps_per_epoch else loss  # from epoch 2 on
+
+    monkeypatch.setattr(engine, "cutmix_cross_entropy", poisoned)
+    with pytest.raises(engine.TrainingError, match="NaN or infinite at epoch 2.*last good checkpoint"):
+        engine.fit(cfg, split, tmp_path / "run", ARCH, progress=False)
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values()
+                                       if v.is_floating_point())
+
+
+def test_resume_refuses_another_architecture(split, tmp_path):
+    cfg = tiny_config("base", epochs=2)
+    engine.fit(cfg, split, tmp_path / "run", ARCH, progress=False)
+    from dali_erkt.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="nothing to resume|not resnet18"):
+        engine.fit(cfg, split, tmp_path / "run", "resnet18", resume=True, progress=False)
+
+
+def test_cosine_schedule():
+    assert engine.cosine_lr(1.0, 0, 10, "cosine") == 1.0
+    assert engine.cosine_lr(1.0, 5, 10, "cosine") == pytest.approx(0.5)
+    assert engine.cosine_lr(1.0, 9, 10, "cosine") > 0
+    assert engine.cosine_lr(1.0, 7, 10, "constant") == 1.0
+
+
+# ---- the command line ------------------------------------------------------------------------
+
+def test_cli_train_teacher_distill_evaluate(split, tmp_path):
+    split_dir = save_split(split, tmp_path / "split")
+    run = CliRunner().invoke
+    common = ["--split", str(split_dir), "--image-size", str(SIZE), "--batch-size", "12",
+              "--device", "cpu", "--epochs", "1", "--no-progress", "--set", "data.num_threads=2"]
+    for arch in ("resnet10t", "resnet14t"):
+        r = run(main, ["train-teacher", "--arch", arch, "--out", str(tmp_path / "t" / arch)] + common)
+        assert r.exit_code == 0, r.output
+    teachers = ["--set", "model.teachers=[resnet10t, resnet14t]", "--set", "model.teacher_weights=[0.5, 0.5]"]
+    r = run(main, ["distill", "--teachers", str(tmp_path / "t"), "--out", str(tmp_path / "s"),
+                   "--set", "model.student=resnet10t"] + teachers + common)
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["kind"] == "student" and summary["epochs"] == 1
+    assert (tmp_path / "s" / "best.pt").is_file() and (tmp_path / "s" / "config.yaml").is_file()
+
+    r = run(main, ["evaluate", "--split", str(split_dir), "--checkpoint", str(tmp_path / "s" / "last.pt"),
+                   "--out", str(tmp_path / "ev"), "--device", "cpu", "--image-size", str(SIZE), "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert set(result["per_class"]) == set(split.classes) and 0 <= result["oa"] <= 1
+    header = (tmp_path / "ev" / "student_confusion.csv").read_text().splitlines()[0]
+    assert all(c in header for c in split.classes)
+    assert (tmp_path / "ev" / "student_confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    r = run(main, ["evaluate", "--split", str(split_dir), "--teachers", str(tmp_path / "t"),
+                   "--out", str(tmp_path / "ev"), "--device", "cpu", "--image-size", str(SIZE)] + teachers)
+    assert r.exit_code == 0 and "ensemble on test: OA" in r.output, r.output
+
+
+def test_cli_errors_are_one_line(split, tmp_path):
+    split_dir = save_split(split, tmp_path / "split")
+    run = CliRunner().invoke
+    r = run(main, ["distill", "--split", str(split_dir), "--out", str(tmp_path / "s"), "--device", "cpu"])
+    assert r.exit_code == 2 and r.output.strip().startswith("error: no teachers")
+    assert len(r.output.strip().splitlines()) == 1
+    r = run(main, ["distill", "--split", str(split_dir), "--teachers", str(tmp_path / "none"),
+                   "--out", str(tmp_path / "s"), "--device", "cpu"])
+    assert r.exit_code == 2 and "does not exist" in r.output and "train-teacher" in r.output
+    r = run(main, ["train-teacher", "--split", str(tmp_path / "nosplit"), "--arch", ARCH,
+                   "--out", str(tmp_path / "t")])
+    assert r.exit_code == 2 and r.output.startswith("error:")
+    r = run(main, ["train-teacher", "--split", str(split_dir), "--arch", "not_a_model",
+                   "--out", str(tmp_path / "t"), "--device", "cpu"])
+    assert r.exit_code == 2 and "unknown timm model" in r.output
+    r = run(main, ["train-teacher", "--split", str(split_dir), "--arch", ARCH, "--out", str(tmp_path / "t"),
+                   "--set", "vsm.cutmix.p=2"])
+    assert r.exit_code == 2 and "not a probability" in r.output
+
+
+def test_evaluate_refuses_a_checkpoint_that_holds_code(split, tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    bad = tmp_path / "evil.pt"
+    bad.write_bytes(pickle.dumps({"arch": ARCH, "model": Evil()}))
+    split_dir = save_split(split, tmp_path / "split")
+    r = CliRunner().invoke(main, ["evaluate", "--split", str(split_dir), "--checkpoint", str(bad),
+                                  "--out", str(tmp_path / "ev"), "--device", "cpu"])
+    assert r.exit_code == 2 and "error:" in r.output
+    assert not marker.exists()
+
+
+def test_demo_pipeline_end_to_end(tmp_path):
+    """The demo's code path with very small settings (the real CPU demo is reported in README)."""
+    s = DemoSettings(teachers=(ARCH, ARCH, ARCH), student=ARCH, classes=3, per_class=16, image_size=SIZE,
+                     train_ratio=0.5, teacher_epochs=1, student_epochs=1, lr=1e-3, batch_size=8)
+    report = run_demo(tmp_path, "cpu", progress=False, settings=s)
+    for key in ("student_oa", "ensemble_oa", "chance", "teacher_oa", "seconds", "out"):
+        assert key in report
+    assert report["chance"] == pytest.approx(1 / 3)
+    assert json.loads((tmp_path / report["out"].split("/")[-1] / "report.json").read_text()) == report
