@@ -123,6 +123,21 @@ def run_options(default_preset: str):
     return decorate
 
 
+def training_run_options(fn):
+    """Options of the commands that train a model: run folder, initial weights, resume."""
+    options = [
+        click.option("--out", "out_dir", required=True, type=click.Path(), help="Run folder."),
+        click.option("--weights", type=click.Path(dir_okay=False),
+                     help="Local weights to start from (safetensors or a torch state dict)."),
+        click.option("--pretrained", is_flag=True, help="Start from timm's hub weights (needs network)."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt."),
+        click.option("--no-progress", is_flag=True, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 def build_config(default_preset, config_path=None, preset=None, overrides=(), epochs=None,
                  batch_size=None, image_size=None, lr=None, seed=None, device=None, precision=None,
                  compile_=None):
@@ -151,6 +166,16 @@ def training_errors(fn):
     return wrapper
 
 
+def _resume_config(resume: bool, out_dir: str, opts: dict) -> dict:
+    """A resumed run starts from its own config.yaml (flags given now still override it)."""
+    from pathlib import Path
+
+    saved = Path(out_dir) / "config.yaml"
+    if resume and not opts.get("config_path") and saved.is_file():
+        opts = dict(opts, config_path=str(saved))
+    return opts
+
+
 def _teacher_paths(cfg, teacher_dir, teachers):
     """One checkpoint per configured teacher: --teacher given in order, or DIR/<arch>/last.pt."""
     from pathlib import Path
@@ -175,12 +200,7 @@ def _teacher_paths(cfg, teacher_dir, teachers):
 @click.option("--split", "split_dir", required=True, type=click.Path(),
               help="Split folder written by `dali-erkt split`.")
 @click.option("--arch", required=True, help="timm name, e.g. efficientnet_b3, efficientnet_b0, resnet50.")
-@click.option("--out", "out_dir", required=True, type=click.Path(), help="Run folder.")
-@click.option("--weights", type=click.Path(dir_okay=False),
-              help="Local weights to start from (safetensors or a torch state dict).")
-@click.option("--pretrained", is_flag=True, help="Start from timm's hub weights (needs network).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@training_run_options
 @run_options("base")
 @friendly_errors
 @training_errors
@@ -191,7 +211,7 @@ def train_teacher_cmd(split_dir, arch, out_dir, weights, pretrained, resume, no_
     from .data.dataset import load_split
     from .engine import fit
 
-    cfg = build_config("base", **opts)
+    cfg = build_config("base", **_resume_config(resume, out_dir, opts))
     cfg.model.pretrained = cfg.model.pretrained or pretrained
     summary = fit(cfg, load_split(split_dir), out_dir, arch, weights=weights, resume=resume,
                   progress=not no_progress, kind="teacher")
@@ -205,11 +225,7 @@ def train_teacher_cmd(split_dir, arch, out_dir, weights, pretrained, resume, no_
               help="Folder holding one train-teacher run per teacher: DIR/<arch>/last.pt.")
 @click.option("--teacher", "teachers", multiple=True, type=click.Path(dir_okay=False),
               help="A teacher checkpoint, once per teacher in model.teachers order.")
-@click.option("--out", "out_dir", required=True, type=click.Path(), help="Run folder.")
-@click.option("--weights", type=click.Path(dir_okay=False), help="Local weights for the student.")
-@click.option("--pretrained", is_flag=True, help="Start the student from timm's hub weights.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@training_run_options
 @run_options("erkt")
 @friendly_errors
 @training_errors
@@ -222,7 +238,7 @@ def distill_cmd(split_dir, teacher_dir, teachers, out_dir, weights, pretrained, 
     from .engine import fit
     from .evaluation import load_ensemble
 
-    cfg = build_config("erkt", **opts)
+    cfg = build_config("erkt", **_resume_config(resume, out_dir, opts))
     cfg.model.pretrained = cfg.model.pretrained or pretrained
     split = load_split(split_dir)
     paths = _teacher_paths(cfg, teacher_dir, teachers)

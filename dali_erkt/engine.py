@@ -127,12 +127,18 @@ def make_train_step(student, teacher, optimizer, scaler, cfg: Config, device, pr
     """One optimisation step on a `Batch`: teacher forward (if any), student forward and backward,
     optimizer step. Returns the loss parts as device tensors (no host read)."""
     in_dtype = input_dtype(precision)
+    # CUDA-graph trees (reduce-overhead) reuse output memory between replays: marking each step
+    # tells them the previous step's outputs are no longer needed.
+    mark_step = (torch.device(device).type == "cuda" and use_compile(cfg, torch.device(device))
+                 and "reduce-overhead" in cfg.run.compile_mode)
 
     def step(batch) -> dict:
+        if mark_step:
+            torch.compiler.cudagraph_mark_step_begin()
         images = batch.images.to(in_dtype)
         with autocast_context(device, precision):
-            logits = student(images)
             target = teacher(images) if teacher is not None else None
+            logits = student(images)
         if target is None:
             ce = cutmix_cross_entropy(logits, batch.labels, batch.partner_labels, batch.mix_weight)
             parts = {"loss": ce, "ce": ce, "inter": ce * 0, "intra": ce * 0}
@@ -173,6 +179,8 @@ def fit(cfg: Config, split: Split, out_dir, arch: str, teacher: TeacherEnsemble 
     dist = init_distributed()
     device = resolve_device(cfg.run.device) if dist.world == 1 else torch.device("cuda", dist.local_rank)
     precision = choose_precision(device, cfg.run.precision)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
     classes = list(split.classes)
     num_classes = len(classes)
 

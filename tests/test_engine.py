@@ -223,3 +223,20 @@ def test_demo_pipeline_end_to_end(tmp_path):
         assert key in report
     assert report["chance"] == pytest.approx(1 / 3)
     assert json.loads((tmp_path / report["out"].split("/")[-1] / "report.json").read_text()) == report
+
+
+def test_cli_resume_reads_the_runs_own_config(split, tmp_path):
+    split_dir = save_split(split, tmp_path / "split")
+    out = tmp_path / "t"
+    first = ["train-teacher", "--split", str(split_dir), "--arch", ARCH, "--out", str(out),
+             "--image-size", str(SIZE), "--batch-size", "12", "--device", "cpu", "--epochs", "1",
+             "--no-progress", "--set", "vsm.grayscale.p=0.3"]
+    assert CliRunner().invoke(main, first).exit_code == 0
+    # Only --epochs is given now: size, batch, device and the VSM come from out/config.yaml.
+    r = CliRunner().invoke(main, ["train-teacher", "--split", str(split_dir), "--arch", ARCH,
+                                  "--out", str(out), "--resume", "--epochs", "2", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["data"]["image_size"] == SIZE and saved["vsm"]["grayscale"]["p"] == 0.3
+    assert saved["optim"]["epochs"] == 2
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
