@@ -113,6 +113,12 @@ def predict(model, loader: DaliLoader, device, precision: str) -> tuple:
     return torch.cat(preds), torch.cat(targets)
 
 
+def make_optimizer(model, cfg: Config, device) -> torch.optim.Optimizer:
+    """AdamW; fused (one kernel for all parameters) on CUDA."""
+    return torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                             fused=torch.device(device).type == "cuda")
+
+
 def compile_models(student, teacher, cfg: Config, device):
     """The student and teacher as the hot loop calls them: under torch.compile where enabled
     (reduce-overhead mode captures CUDA graphs; static shapes come from drop_last)."""
@@ -202,9 +208,7 @@ def fit(cfg: Config, split: Split, out_dir, arch: str, teacher: TeacherEnsemble 
     if teacher is not None:
         teacher = prepare(teacher, device, cfg.run.channels_last)
 
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
-                                  weight_decay=cfg.optim.weight_decay, fused=fused)
+    optimizer = make_optimizer(model, cfg, device)
     scaler = make_grad_scaler(device, precision)
     start_epoch, history = 0, []
     best = {"oa": -1.0, "epoch": -1}

@@ -35,6 +35,11 @@ class Batch:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    def pin_memory(self) -> "Batch":
+        """Called by torch's DataLoader (pin_memory=True) for the torchvision reference loader."""
+        return Batch(*(t.pin_memory() for t in (self.images, self.labels, self.partner_labels,
+                                                  self.mix_weight, self.indices)))
+
 
 def device_id_of(device) -> int | None:
     """DALI's device_id for a torch device: None runs the CPU pipeline."""

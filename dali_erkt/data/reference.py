@@ -19,6 +19,8 @@ from .source import EpochSource
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     """HWC uint8 -> CHW float [0, 1]."""
+    if not rgb.flags.writeable:  # torch.from_numpy warns on read-only arrays (Pillow's)
+        rgb = rgb.copy()
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 255.0
 
 
@@ -115,8 +117,35 @@ class _BatchKeys(torch.utils.data.Sampler):
             yield [(self.epoch, b, p, int(i)) for p, i in enumerate(idx)]
 
 
+class _Collate:
+    """Stacks samples and applies the batch's CutMix; a plain object (not a bound method of the
+    loader) so that the DataLoader's workers do not keep the loader alive."""
+
+    def __init__(self, source: EpochSource):
+        self.source = source
+
+    def __call__(self, items):
+        from .loader import Batch
+        src = self.source
+        images = torch.stack([it[0] for it in items])
+        labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
+        epoch, batch = items[0][2][0], items[0][2][1]
+        idx = np.array([it[2][3] for it in items], dtype=np.int64)
+        if src.train:
+            plan = make_batch_plan(src.cfg.vsm, src.cfg.data.image_size, src.seed, epoch, batch, idx,
+                                   rank=src.rank)
+            images = apply_cutmix(images, plan)
+            partner = labels[torch.as_tensor(plan.cutmix_perm)]
+            weight = torch.as_tensor(plan.cutmix_weight)
+        else:
+            partner, weight = labels, torch.zeros(len(labels))
+        images = normalize(images, src.cfg).contiguous(memory_format=torch.channels_last)
+        return Batch(images, labels, partner, weight, torch.as_tensor(idx))
+
+
 class ReferenceLoader:
-    """torchvision DataLoader yielding the same `Batch`es as `DaliLoader` (CPU tensors, fp32)."""
+    """torchvision DataLoader yielding the same `Batch`es as `DaliLoader`: CPU tensors, fp32,
+    channels-last (pinned where CUDA is, so copies to the GPU can be asynchronous)."""
 
     def __init__(self, paths, labels, cfg: Config, train: bool = True, seed: int = 0,
                  workers: int = 2, batch_size: int | None = None):
@@ -125,7 +154,7 @@ class ReferenceLoader:
         self.sampler = _BatchKeys(self.source)
         self.loader = torch.utils.data.DataLoader(
             _PlanDataset(self.source), batch_sampler=self.sampler, num_workers=workers,
-            collate_fn=self._collate, persistent_workers=workers > 0,
+            collate_fn=_Collate(self.source), persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available())
 
     def __len__(self):
@@ -134,23 +163,12 @@ class ReferenceLoader:
     def set_epoch(self, epoch: int) -> None:
         self.sampler.epoch = epoch
 
-    def _collate(self, items):
-        from .loader import Batch
-        images = torch.stack([it[0] for it in items])
-        labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
-        epoch, batch = items[0][2][0], items[0][2][1]
-        idx = np.array([it[2][3] for it in items], dtype=np.int64)
-        if self.source.train:
-            src = self.source
-            plan = make_batch_plan(src.cfg.vsm, src.cfg.data.image_size, src.seed, epoch, batch, idx,
-                                   rank=src.rank)
-            images = apply_cutmix(images, plan)
-            partner = labels[torch.as_tensor(plan.cutmix_perm)]
-            weight = torch.as_tensor(plan.cutmix_weight)
-        else:
-            partner, weight = labels, torch.zeros(len(labels))
-        images = normalize(images, self.cfg).contiguous(memory_format=torch.channels_last)
-        return Batch(images, labels, partner, weight, torch.as_tensor(idx))
-
     def __iter__(self):
         return iter(self.loader)
+
+    def close(self) -> None:
+        """Stop the worker processes now (not at garbage collection)."""
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self.loader._iterator = None

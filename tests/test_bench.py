@@ -1,0 +1,101 @@
+"""bench/throughput.py on the CPU: it completes at CI sizes and its JSON holds every figure.
+
+The numbers themselves are not checked (the CPU says nothing about GPU speed); only that each
+figure the CPU can measure is a positive rate, and each GPU-only one is null with a reason.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "throughput.py"
+
+FIGURES = ("loader.dali_gpu", "loader.dali_cpu", "loader.torchvision", "teacher.fp32_nchw_eager",
+           "teacher.amp_cl_eager", "teacher.compiled", "student.step", "distill.synthetic",
+           "distill.paper_style", "distill.dali", "distill.torchvision_fast")
+GPU_ONLY = ("loader.dali_gpu", "teacher.compiled")  # teacher.compiled: unless --compile-cpu
+MEMORY = ("memory.torch_peak_gib", "memory.torch_peak_reserved_gib", "memory.device_used_gib")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--json", "--batch", "4,2",
+           "--iters", "1", "--warmup", "1", "--image-size", "32", "--workers", "1",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, out
+
+
+def test_stdout_is_one_json_object_and_out_file_matches(run):
+    proc, out = run
+    report = json.loads(proc.stdout)  # fails on any stray text around the object
+    assert json.loads(out.read_text()) == report
+    meta = report["meta"]
+    assert meta["device"] == "cpu" and meta["batches"] == [4, 2] and meta["image_size"] == 32
+    for key in ("card", "date", "command", "versions", "dataset", "iters", "warmup"):
+        assert meta[key] is not None, key
+    assert meta["versions"]["torch"] and meta["dataset"]["classes"] >= 2
+
+
+def test_every_figure_present_numbers_or_null_with_note(run):
+    report = json.loads(run[0].stdout)
+    notes = report["notes"]
+    assert list(report["results"]) == ["4", "2"]  # the order given on the command line
+    for batch, res in report["results"].items():
+        figures = res["figures"]
+        assert tuple(figures) == FIGURES
+        for name in FIGURES:
+            fig = figures[name]
+            if name in GPU_ONLY:
+                assert fig is None and notes.get(name), name
+            else:
+                assert fig is not None, f"{name} at batch {batch}: {notes.get(name)}"
+                assert fig["images_per_s"] > 0 and fig["images"] >= int(batch) and fig["seconds"] > 0
+        for key in ("dali_vs_ceiling", "dali_vs_paper"):
+            value = res["ratios"][key]
+            assert value is None or value > 0
+        # Both ratios have their inputs on the CPU, so they are numbers here.
+        assert res["ratios"]["dali_vs_ceiling"] is not None
+        assert all(res["memory"][k] is None for k in MEMORY) and notes.get("memory")
+        assert res["kernels.dist"]["torch_ms"] is None  # CUDA events only
+        assert all(v is None for v in res["targets"].values())  # GPU claims: not judged on a CPU
+        assert res["compile_seconds"] == {"distill_step": None}
+
+
+def test_table_formats_a_report(run):
+    mod = _module()
+    text = mod.table(json.loads(run[0].stdout))
+    assert "batch 4" in text and "batch 2" in text
+    for _, label in mod.FIGURES:
+        assert label in text
+    assert "dali_vs_paper" in text and "loader.dali_gpu:" in text  # ratios and notes
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("throughput_mod", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_batch_list_parsing():
+    mod = _module()
+    assert mod.parse_batches("30,128") == [30, 128]
+    assert mod.parse_batches("8, 8,4") == [8, 4]
+    for bad in ("0", "x", ""):
+        with pytest.raises(SystemExit):
+            mod.parse_batches(bad)
+
+
+def test_bad_device_is_a_one_line_error():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "tpu", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "error:" in proc.stderr and "tpu" in proc.stderr
