@@ -276,7 +276,10 @@ def fit(cfg: Config, split: Split, out_dir, arch: str, teacher: TeacherEnsemble 
                   "train_seconds": round(train_time, 3),
                   "images_per_s": round(seen * dist.world / max(train_time, 1e-9), 2)}
         if dist.main and ((epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == epochs):
-            preds, targets = predict(model, test_loader, device, precision)
+            try:
+                preds, targets = predict(model, test_loader, device, precision)
+            except torch.cuda.OutOfMemoryError:
+                raise TrainingError(_oom_message(cfg)) from None
             ev = evaluate_predictions(preds, targets, num_classes)
             record["oa"] = ev["oa"]
             if teacher_preds is not None:
