@@ -47,6 +47,16 @@ def _probs(ptr, s_b, s_c, rows, cols, mask2d, cmask2d, tau):
 
 
 @triton.jit
+def _chunk_probs(s_ptr, s_sb, s_sc, t_ptr, t_sb, t_sc, rows, cols, cmask2d, B, tau):
+    """Student and teacher probabilities of one row chunk, with its row and 2-D masks."""
+    rmask = rows < B
+    mask2d = rmask[:, None] & cmask2d
+    ps = _probs(s_ptr, s_sb, s_sc, rows, cols, mask2d, cmask2d, tau)
+    pt = _probs(t_ptr, t_sb, t_sc, rows, cols, mask2d, cmask2d, tau)
+    return rmask, mask2d, ps, pt
+
+
+@triton.jit
 def _centre_mean(x, mask, n, axis: tl.constexpr):
     """Mean along `axis`, refined by the mean of the residuals (corrected two-pass).
 
@@ -87,11 +97,8 @@ def _dist_fwd_kernel(s_ptr, t_ptr, inter_ptr, intra_ptr, stats_ptr, B, C,
     col_t = tl.zeros([BLOCK_C], dtype=tl.float32)
     inter_acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     for start in range(0, B, BLOCK_R):
-        rows = start + r0
-        rmask = rows < B
-        mask2d = rmask[:, None] & cmask2d
-        ps = _probs(s_ptr, s_sb, s_sc, rows, cols, mask2d, cmask2d, tau)
-        pt = _probs(t_ptr, t_sb, t_sc, rows, cols, mask2d, cmask2d, tau)
+        rmask, mask2d, ps, pt = _chunk_probs(s_ptr, s_sb, s_sc, t_ptr, t_sb, t_sc, start + r0,
+                                             cols, cmask2d, B, tau)
         col_s += tl.sum(tl.where(rmask[:, None], ps, 0.0), axis=0)
         col_t += tl.sum(tl.where(rmask[:, None], pt, 0.0), axis=0)
         a, b, n, na, nb, d = _row_pearson(ps, pt, cmask2d, C, eps)
@@ -107,11 +114,8 @@ def _dist_fwd_kernel(s_ptr, t_ptr, inter_ptr, intra_ptr, stats_ptr, B, C,
     res_a = tl.zeros([BLOCK_C], dtype=tl.float32)
     res_b = tl.zeros([BLOCK_C], dtype=tl.float32)
     for start in range(0, B, BLOCK_R):
-        rows = start + r0
-        rmask = rows < B
-        mask2d = rmask[:, None] & cmask2d
-        ps = _probs(s_ptr, s_sb, s_sc, rows, cols, mask2d, cmask2d, tau)
-        pt = _probs(t_ptr, t_sb, t_sc, rows, cols, mask2d, cmask2d, tau)
+        rmask, mask2d, ps, pt = _chunk_probs(s_ptr, s_sb, s_sc, t_ptr, t_sb, t_sc, start + r0,
+                                             cols, cmask2d, B, tau)
         a = tl.where(mask2d, ps - mean_s[None, :], 0.0)
         b = tl.where(mask2d, pt - mean_t[None, :], 0.0)
         acc_n += tl.sum(a * b, axis=0)
@@ -147,15 +151,12 @@ def _dist_bwd_kernel(s_ptr, t_ptr, g_inter_ptr, g_intra_ptr, stats_ptr, gs_ptr, 
     cmask = cols < C
     cmask2d = cmask[None, :]
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < B
-    mask2d = rmask[:, None] & cmask2d
+    rmask, mask2d, ps, pt = _chunk_probs(s_ptr, s_sb, s_sc, t_ptr, t_sb, t_sc, rows, cols, cmask2d,
+                                         B, tau)
 
     # Upstream grads are read on the device: no .item() sync, graph-capturable.
     w_inter = tl.load(g_inter_ptr).to(tl.float32) * scale / B
     w_intra = tl.load(g_intra_ptr).to(tl.float32) * scale / C
-
-    ps = _probs(s_ptr, s_sb, s_sc, rows, cols, mask2d, cmask2d, tau)
-    pt = _probs(t_ptr, t_sb, t_sc, rows, cols, mask2d, cmask2d, tau)
 
     a, b, n, na, nb, d = _row_pearson(ps, pt, cmask2d, C, eps)
     safe_na = tl.where(na > 0, na, 1.0)
