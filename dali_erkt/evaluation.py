@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .config import Config
+from .config import Config, save_config
 from .data.dataset import Split
 from .data.loader import DaliLoader
 from .engine import evaluate_predictions, predict, prepare
@@ -56,4 +56,5 @@ def evaluate_model(model, cfg: Config, split: Split, out_dir, part: str = "test"
               "per_class": {c: (None if v != v else v) for c, v in zip(split.classes, ev["per_class"])},
               "confusion_csv": str(csv_path), "confusion_png": str(png_path)}
     atomic_write_text(out / f"{name}_metrics.json", json.dumps(result, indent=2) + "\n")
+    save_config(cfg, out / f"{name}_config.yaml")  # the settings the numbers were measured with
     return result

@@ -170,6 +170,7 @@ def test_cli_train_teacher_distill_evaluate(split, tmp_path):
     header = (tmp_path / "ev" / "student_confusion.csv").read_text().splitlines()[0]
     assert all(c in header for c in split.classes)
     assert (tmp_path / "ev" / "student_confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert yaml.safe_load((tmp_path / "ev" / "student_config.yaml").read_text())["data"]["image_size"] == SIZE
 
     r = run(main, ["evaluate", "--split", str(split_dir), "--teachers", str(tmp_path / "t"),
                    "--out", str(tmp_path / "ev"), "--device", "cpu", "--image-size", str(SIZE)] + teachers)

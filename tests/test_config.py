@@ -1,0 +1,80 @@
+"""Configuration: defaults, presets, YAML round trip, overrides and one-line validation errors."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from dali_erkt.config import (UNITS, ConfigError, apply_overrides, default_config, from_dict,
+                              load_config, save_config, to_dict)
+
+
+def test_paper_defaults_in_one_place():
+    cfg = default_config()
+    assert (cfg.data.image_size, cfg.data.batch_size, cfg.optim.epochs) == (256, 30, 600)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.schedule) == (2e-4, 1e-6, "cosine")
+    assert (cfg.loss.ratio, cfg.loss.tau, cfg.loss.tau_squared) == (1.0, 2.0, True)
+    assert cfg.model.teachers == ("efficientnet_b3", "efficientnet_b0", "resnet50")
+    assert cfg.model.teacher_weights == (0.4, 0.3, 0.3) and cfg.model.student == "efficientnet_b0"
+    v = cfg.vsm
+    assert (v.color_jitter.brightness, v.rotation.degrees) == (0.5, (-180.0, 180.0))
+    assert (v.erasing.scale, v.erasing.ratio) == ((0.02, 0.33), (0.3, 3.3))
+    assert (v.resized_crop.size, v.resized_crop.scale) == (176, (0.08, 1.0))
+    assert UNITS == ("color_jitter", "rotation", "hflip", "vflip", "grayscale", "autocontrast",
+                     "erasing", "resized_crop", "cutmix")
+
+
+@pytest.mark.parametrize("preset", ["erkt", "base", "none"])
+def test_yaml_round_trip(tmp_path, preset):
+    cfg = default_config(preset)
+    cfg.data.batch_size = 64
+    cfg.model.teachers, cfg.model.teacher_weights = ("resnet50",), (1.0,)
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["preset"] == preset
+
+
+def test_overrides_are_typed():
+    cfg = apply_overrides(default_config(), ["vsm.cutmix.p=0.5", "data.batch_size=64",
+                                             "loss.tau_squared=false", "vsm.erasing.scale=[0.1, 0.2]",
+                                             "model.teachers=[resnet50, resnet18]",
+                                             "model.teacher_weights=[0.5, 0.5]"])
+    assert cfg.vsm.cutmix.p == 0.5 and cfg.data.batch_size == 64 and cfg.loss.tau_squared is False
+    assert cfg.vsm.erasing.scale == (0.1, 0.2) and cfg.model.teachers == ("resnet50", "resnet18")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("vsm.grayscale.p=1.5", "vsm.grayscale.p = 1.5 is not a probability"),
+    ("vsm.cutmix.p=-0.1", "not a probability"),
+    ("vsm.erasing.scale=[0.3, 0.1]", "empty or reversed"),
+    ("vsm.rotation.degrees=[10, 10]", "empty or reversed"),
+    ("vsm.solarize.p=0.5", "unknown setting 'vsm.solarize'"),
+    ("data.batch_size=abc", "not a valid int"),
+    ("data.batch_size=0", "at least 1"),
+    ("vsm.erasing.scale=[0.1]", "needs 2 values"),
+    ("model.teacher_weights=[0.5]", "give one weight per teacher"),
+    ("run.precision=fp8", "use auto, fp32, fp16 or bf16"),
+    ("batch_size", "must look like section.key=value"),
+])
+def test_bad_values_fail_with_one_line(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")) as info:
+        apply_overrides(default_config(), [override])
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_preset_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="unknown VSM preset 'paper'"):
+        default_config("paper")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("vsm: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "unit.yaml").write_text("vsm:\n  mixup:\n    p: 0.5\n")
+    with pytest.raises(ConfigError, match="unknown setting 'vsm.mixup'"):
+        load_config(tmp_path / "unit.yaml")
+
+
+def test_from_dict_applies_preset_first():
+    cfg = from_dict({"preset": "base", "vsm": {"grayscale": {"p": 0.2}}})
+    assert cfg.vsm.cutmix.p == 0.1 and cfg.vsm.grayscale.p == 0.2
+    assert to_dict(cfg)["vsm"]["erasing"]["p"] == 0.0
