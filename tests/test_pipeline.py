@@ -262,3 +262,16 @@ def test_every_format_and_mode_decodes_like_pillow(image_tree):
         err = (batch.images[i].float() - ref).abs().mean().item()
         # Same decoded pixels; the two resize filters differ slightly (measured below 0.05 levels).
         assert err < 0.5, (f.name, err)
+
+
+@pytest.mark.parametrize("preset", ["erkt", "base"])
+def test_gpu_graph_is_defined_without_cuda(preset):
+    """The GPU variant's graph (mixed decoding, GPU operators inside conditionals, CPU plan
+    arguments) traces without CUDA; building it needs a GPU (test_gpu_pipeline_matches_cpu)."""
+    from dali_erkt.data.pipeline import eval_pipeline, train_pipeline
+    from dali_erkt.data.source import EpochSource
+
+    cfg = default_config(preset)
+    for make, train in ((train_pipeline, True), (eval_pipeline, False)):
+        pipe = make(EpochSource(["x.jpg"] * 40, [0] * 40, cfg, train, 0), cfg, device_id=0)
+        assert all(node.device == "gpu" for node in pipe._graph_out)
