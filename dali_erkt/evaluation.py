@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import Config, save_config
 from .data.dataset import Split
@@ -46,8 +44,7 @@ def evaluate_model(model, cfg: Config, split: Split, out_dir, part: str = "test"
     model = prepare(model, device, cfg.run.channels_last)
     loader = DaliLoader(split.paths(part), split.labels(part), cfg, device, train=False,
                         batch_size=batch_size)
-    with torch.no_grad():
-        preds, targets = predict(model, loader, device, precision)
+    preds, targets = predict(model, loader, device, precision)  # no_grad inside
     ev = evaluate_predictions(preds, targets, len(split.classes))
     out = Path(out_dir)
     csv_path, png_path = write_confusion(ev["cm"], split.classes, out, stem=f"{name}_confusion",

@@ -28,9 +28,9 @@ def pearson_distance(a: torch.Tensor, b: torch.Tensor, dim: int = -1, eps: float
     """1 - Pearson correlation of `a` and `b` along `dim`:
     1 - (a - mean a).(b - mean b) / (||a - mean a|| ||b - mean b|| + eps).
 
-    vector_norm's gradient at a zero vector is 0, so a constant row (or column) gives distance 1
-    and no gradient, not NaN or a 1/eps blow-up; the fused kernel in `dali_erkt.kernels` computes
-    exactly this and is tested against it.
+    A constant row (or column) gives distance 1, not NaN. Its gradient is finite but of order
+    1/eps unless the other side is constant too (as both are at batch 1 for the intra term). The
+    fused kernel in `dali_erkt.kernels` computes exactly this and is tested against it.
     """
     a = a - a.mean(dim, keepdim=True)
     b = b - b.mean(dim, keepdim=True)
@@ -39,14 +39,14 @@ def pearson_distance(a: torch.Tensor, b: torch.Tensor, dim: int = -1, eps: float
     return 1.0 - num / den
 
 
-def inter_class_relation(p_s: torch.Tensor, p_t: torch.Tensor) -> torch.Tensor:
+def inter_class_relation(p_s: torch.Tensor, p_t: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """Per sample, across classes; mean over the batch. Inputs are (B, C) probabilities."""
-    return pearson_distance(p_s, p_t, dim=1).mean()
+    return pearson_distance(p_s, p_t, dim=1, eps=eps).mean()
 
 
-def intra_class_relation(p_s: torch.Tensor, p_t: torch.Tensor) -> torch.Tensor:
+def intra_class_relation(p_s: torch.Tensor, p_t: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """Per class, across the batch; mean over classes."""
-    return pearson_distance(p_s, p_t, dim=0).mean()
+    return pearson_distance(p_s, p_t, dim=0, eps=eps).mean()
 
 
 def dist_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 2.0,
@@ -60,9 +60,8 @@ def dist_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: 
         p_s = F.softmax(student_logits.float() / tau, dim=1)
         p_t = F.softmax(teacher_logits.detach().float() / tau, dim=1)
         scale = tau * tau if tau_squared else 1.0
-        inter = pearson_distance(p_s, p_t, dim=1, eps=eps).mean()  # per sample, across classes
-        intra = pearson_distance(p_s, p_t, dim=0, eps=eps).mean()  # per class, across the batch
-        return scale * inter, scale * intra
+        return (scale * inter_class_relation(p_s, p_t, eps),
+                scale * intra_class_relation(p_s, p_t, eps))
 
 
 def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 2.0,

@@ -192,7 +192,7 @@ def render_grid(root, samples, classes, cfg: Config, out, rows: int = 6, views: 
     fig, axes = plt.subplots(len(chosen), cols, figsize=(1.9 * cols, 2.45 * len(chosen) + 0.5),
                              squeeze=False)
     for r, path in enumerate(paths):
-        original = resize(to_tensor(np.array(load_rgb(path))), size).clamp(0, 1).permute(1, 2, 0).numpy()
+        original = resize(to_tensor(load_rgb(path)), size).clamp(0, 1).permute(1, 2, 0).numpy()
         ax = axes[r, 0]
         ax.imshow(original)
         ax.set_ylabel(classes[labels[r]], fontsize=8)
