@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import CheckpointError
 from .io import atomic_write
 
 _PLAIN = "only plain-tensor checkpoints (tensors, numbers, strings, lists, dicts) are accepted"
@@ -21,10 +22,6 @@ _PLAIN = "only plain-tensor checkpoints (tensors, numbers, strings, lists, dicts
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _LEAF_TYPES = (torch.Tensor, bool, int, float, complex, str, bytes, type(None), torch.dtype,
                torch.device)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not fit; the message is one line."""
 
 
 def _check_plain(value, where: str, path) -> None:
@@ -122,16 +119,22 @@ def _listing(keys: list[str], n: int = 3) -> str:
 
 
 def load_weights(model: nn.Module, path, arch: str | None = None,
-                 allow_head_mismatch: bool = False) -> list[str]:
-    """Load weights into `model` strictly; return the keys left out (the classifier, see below).
+                 allow_head_mismatch: bool = False) -> tuple[int, list[str]]:
+    """Load a weights file into `model` strictly; see `load_state`."""
+    state, recorded = _read_state(Path(path))
+    return load_state(model, state, path, arch, recorded, allow_head_mismatch)
 
-    `arch` (a timm name) is checked against the arch our checkpoints record. With
+
+def load_state(model: nn.Module, state: dict, path, arch: str | None = None,
+               recorded: str | None = None, allow_head_mismatch: bool = False) -> tuple[int, list[str]]:
+    """Load a state dict (read from `path`) into `model` strictly; return (tensors loaded, keys
+    left at initialisation).
+
+    `arch` (a timm name) is checked against the arch the file records. With
     `allow_head_mismatch`, a classifier whose class count differs (a user's ImageNet backbone) or
     that is absent is left at its initialisation and everything else loads; otherwise that is an
     error.
     """
-    path = Path(path)
-    state, recorded = _read_state(path)
     if arch is not None and recorded is not None and _base_arch(recorded) != _base_arch(arch):
         raise CheckpointError(f"checkpoint {path} is for {recorded}, expected {arch}")
     state = _strip_prefixes(state)
@@ -160,4 +163,4 @@ def load_weights(model: nn.Module, path, arch: str | None = None,
         raise CheckpointError(f"checkpoint {path} does not fit {arch or type(model).__name__}: "
                               f"{len(wrong)} tensors differ in shape ({_listing(wrong)})")
     model.load_state_dict(state, strict=not skipped)
-    return skipped
+    return len(state), skipped

@@ -13,9 +13,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message is one line that says which and what to do."""
+from .errors import ConfigError
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,7 +64,9 @@ class ResizedCrop:
     p: float = 0.1
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    size: int = 176  # crop resized to size x size, then back to the training size
+    # The crop is resized to size x size, then back to the training size. 0: 11/16 of the
+    # training size (the paper's 176 at 256 px), see `crop_size`.
+    size: int = 0
     attempts: int = 10
 
 
@@ -130,11 +130,16 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    student: str = "efficientnet_b0"
+    arch: str = "efficientnet_b0"  # the model the run trains: the student (distill) or a teacher
+    # The frozen ensemble a distillation learns from; empty in a train-teacher run.
     teachers: tuple[str, ...] = ("efficientnet_b3", "efficientnet_b0", "resnet50")
     teacher_weights: tuple[float, ...] = (0.4, 0.3, 0.3)
     combine: str = "probs"  # probs: log of the weighted sum of softmaxes | logits: weighted sum
-    pretrained: bool = False  # timm hub weights (needs network access)
+    # Where the trained model's weights start: timm's hub weights (needs network access), or a
+    # local file (its SHA-256 is recorded, so a rerun from config.yaml starts from the same bytes).
+    pretrained: bool = False
+    weights: str = ""
+    weights_sha256: str = ""
 
 
 @dataclass
@@ -186,28 +191,38 @@ def default_config(preset: str = "erkt") -> Config:
     return Config(preset=preset, vsm=vsm_preset(preset))
 
 
+def crop_size(resized_crop: ResizedCrop, image_size: int) -> int:
+    """The random-resized-crop's intermediate size: as set, or 11/16 of the training size."""
+    return resized_crop.size or max(8, round(image_size * 11 / 16))
+
+
 # --------------------------------------------------------------------------------------------
 # Validation: one clear line per mistake.
 # --------------------------------------------------------------------------------------------
 
 def _check_range(where: str, rng, lo: float | None = None, hi: float | None = None) -> None:
     a, b = rng
-    if not a < b:
+    if not a < b:  # also false for NaN
         raise ConfigError(f"{where} = [{a}, {b}] is empty or reversed: give [low, high] with low < high")
-    if lo is not None and a < lo or hi is not None and b > hi:
+    if lo is not None and not a >= lo or hi is not None and not b <= hi:
         raise ConfigError(f"{where} = [{a}, {b}] must lie within [{lo}, {hi}]")
 
 
+def _check(ok: bool, message: str) -> None:
+    """`ok` is written so that NaN fails it (`not x > 0`, never `x <= 0`)."""
+    if not ok:
+        raise ConfigError(message)
+
+
 def validate(cfg: Config) -> None:
+    """Every setting's check, in one place; NaN fails every bound."""
     for unit in UNITS:
         p = getattr(cfg.vsm, unit).p
-        if not 0.0 <= p <= 1.0:
-            raise ConfigError(f"vsm.{unit}.p = {p} is not a probability: use a value in [0, 1]")
+        _check(0.0 <= p <= 1.0, f"vsm.{unit}.p = {p} is not a probability: use a value in [0, 1]")
     cj = cfg.vsm.color_jitter
     for name in ("brightness", "contrast", "saturation"):
         v = getattr(cj, name)
-        if not 0.0 <= v <= 1.0:
-            raise ConfigError(f"vsm.color_jitter.{name} = {v} must be in [0, 1] (factors 1 +- {name})")
+        _check(0.0 <= v <= 1.0, f"vsm.color_jitter.{name} = {v} must be in [0, 1] (factors 1 +- {name})")
     _check_range("vsm.rotation.degrees", cfg.vsm.rotation.degrees, -360.0, 360.0)
     _check_range("vsm.erasing.scale", cfg.vsm.erasing.scale, 0.0, 1.0)
     _check_range("vsm.erasing.ratio", cfg.vsm.erasing.ratio, 1e-3, 1e3)
@@ -215,50 +230,50 @@ def validate(cfg: Config) -> None:
     _check_range("vsm.resized_crop.ratio", cfg.vsm.resized_crop.ratio, 1e-3, 1e3)
     for unit in ("erasing", "resized_crop"):
         n = getattr(cfg.vsm, unit).attempts
-        if not 1 <= n <= 16:
-            raise ConfigError(f"vsm.{unit}.attempts = {n} must be between 1 and 16")
-    if cfg.vsm.resized_crop.size < 8:
-        raise ConfigError(f"vsm.resized_crop.size = {cfg.vsm.resized_crop.size} is too small: use 8 or more")
-    if cfg.vsm.cutmix.alpha <= 0:
-        raise ConfigError(f"vsm.cutmix.alpha = {cfg.vsm.cutmix.alpha} must be > 0")
+        _check(1 <= n <= 16, f"vsm.{unit}.attempts = {n} must be between 1 and 16")
+    size = cfg.vsm.resized_crop.size
+    _check(size == 0 or size >= 8, f"vsm.resized_crop.size = {size}: use 8 or more, or 0 for "
+                                   "11/16 of the image size")
+    _check(cfg.vsm.cutmix.alpha > 0, f"vsm.cutmix.alpha = {cfg.vsm.cutmix.alpha} must be > 0")
     d = cfg.data
-    if d.image_size < 16:
-        raise ConfigError(f"data.image_size = {d.image_size} is too small: use 16 or more")
-    if d.batch_size < 1:
-        raise ConfigError(f"data.batch_size = {d.batch_size} must be at least 1")
-    if d.dtype not in ("float16", "float32"):
-        raise ConfigError(f"data.dtype = {d.dtype!r}: use float16 or float32")
-    if any(s <= 0 for s in d.std):
-        raise ConfigError(f"data.std = {d.std} must be positive")
+    _check(d.image_size >= 16, f"data.image_size = {d.image_size} is too small: use 16 or more")
+    _check(d.batch_size >= 1, f"data.batch_size = {d.batch_size} must be at least 1")
+    _check(d.dtype in ("float16", "float32"), f"data.dtype = {d.dtype!r}: use float16 or float32")
+    _check(all(0 < s < float("inf") for s in d.std), f"data.std = {d.std} must be positive")
+    _check(all(-1e3 < m < 1e3 for m in d.mean), f"data.mean = {d.mean} must be finite")
+    _check(d.num_threads >= 1, f"data.num_threads = {d.num_threads} must be at least 1")
+    _check(d.prefetch >= 1, f"data.prefetch = {d.prefetch} must be at least 1")
     m = cfg.model
-    if len(m.teachers) != len(m.teacher_weights):
-        raise ConfigError(f"model.teachers has {len(m.teachers)} names but model.teacher_weights "
-                          f"{len(m.teacher_weights)} weights: give one weight per teacher")
-    if any(w < 0 for w in m.teacher_weights) or sum(m.teacher_weights) <= 0:
-        raise ConfigError(f"model.teacher_weights = {m.teacher_weights} must be >= 0 with a positive sum")
-    if m.combine not in ("probs", "logits"):
-        raise ConfigError(f"model.combine = {m.combine!r}: use probs or logits")
-    if not 0.0 <= cfg.loss.ratio <= 2.0:
-        raise ConfigError(f"loss.ratio = {cfg.loss.ratio} must be in [0, 2]")
-    if cfg.loss.tau <= 0:
-        raise ConfigError(f"loss.tau = {cfg.loss.tau} must be > 0")
-    if cfg.optim.lr <= 0 or cfg.optim.epochs < 1:
-        raise ConfigError("optim.lr must be > 0 and optim.epochs at least 1")
-    if cfg.optim.schedule not in ("cosine", "constant"):
-        raise ConfigError(f"optim.schedule = {cfg.optim.schedule!r}: use cosine or constant")
+    _check(len(m.teachers) == len(m.teacher_weights),
+           f"model.teachers has {len(m.teachers)} names but model.teacher_weights "
+           f"{len(m.teacher_weights)} weights: give one weight per teacher")
+    _check(not m.teachers or (all(w >= 0 for w in m.teacher_weights) and sum(m.teacher_weights) > 0),
+           f"model.teacher_weights = {m.teacher_weights} must be >= 0 with a positive sum")
+    _check(m.combine in ("probs", "logits"), f"model.combine = {m.combine!r}: use probs or logits")
+    _check(not (m.pretrained and m.weights), "model.pretrained and model.weights both set: start "
+                                             "from one of them")
+    _check(0.0 <= cfg.loss.ratio <= 2.0, f"loss.ratio = {cfg.loss.ratio} must be in [0, 2]")
+    _check(0 < cfg.loss.tau < float("inf"), f"loss.tau = {cfg.loss.tau} must be > 0")
+    for name in ("inter_weight", "intra_weight"):
+        v = getattr(cfg.loss, name)
+        _check(0 <= v < float("inf"), f"loss.{name} = {v} must be >= 0")
+    o = cfg.optim
+    _check(0 < o.lr < float("inf"), f"optim.lr = {o.lr} must be a positive number")
+    _check(0 <= o.weight_decay < float("inf"), f"optim.weight_decay = {o.weight_decay} must be >= 0")
+    _check(o.epochs >= 1, f"optim.epochs = {o.epochs} must be at least 1")
+    _check(o.schedule in ("cosine", "constant"), f"optim.schedule = {o.schedule!r}: use cosine or constant")
     r = cfg.run
-    if r.precision not in ("auto", "fp32", "fp16", "bf16"):
-        raise ConfigError(f"run.precision = {r.precision!r}: use auto, fp32, fp16 or bf16")
-    if r.compile not in ("auto", "on", "off"):
-        raise ConfigError(f"run.compile = {r.compile!r}: use auto, on or off")
-    if r.compile_mode not in ("default", "reduce-overhead", "max-autotune",
-                              "max-autotune-no-cudagraphs"):
-        raise ConfigError(f"run.compile_mode = {r.compile_mode!r}: use default, reduce-overhead, "
-                          "max-autotune or max-autotune-no-cudagraphs")
-    if r.eval_every < 1:
-        raise ConfigError(f"run.eval_every = {r.eval_every} must be at least 1")
-    if r.log_every < 1:
-        raise ConfigError(f"run.log_every = {r.log_every} must be at least 1")
+    _check(r.seed >= 0, f"run.seed = {r.seed} must be >= 0")
+    _check(r.precision in ("auto", "fp32", "fp16", "bf16"),
+           f"run.precision = {r.precision!r}: use auto, fp32, fp16 or bf16")
+    _check(r.compile in ("auto", "on", "off"), f"run.compile = {r.compile!r}: use auto, on or off")
+    _check(r.compile_mode in COMPILE_MODES,
+           f"run.compile_mode = {r.compile_mode!r}: use {', '.join(COMPILE_MODES)}")
+    _check(r.eval_every >= 1, f"run.eval_every = {r.eval_every} must be at least 1")
+    _check(r.log_every >= 1, f"run.log_every = {r.log_every} must be at least 1")
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,28 +346,54 @@ def _update(obj: Any, data: dict, prefix: str) -> None:
             setattr(obj, key, _coerce(where, current, value))
 
 
-def from_dict(data: dict) -> Config:
-    """Build a config: the preset named in `data` (default erkt), then every value given."""
-    data = dict(data or {})
-    cfg = default_config(str(data.get("preset", "erkt")))
+def from_dict(data: dict, preset: str | None = None) -> Config:
+    """Build a config: the preset layer (`preset`, else the one `data` names, else erkt), then
+    every value in `data` over it (the `preset` key included: it names the layer)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a configuration must be a mapping of sections, got {type(data).__name__}")
+    data = dict(data)
+    cfg = default_config(preset or str(data.get("preset", "erkt")))
     _update(cfg, data, "")
     return cfg.validate()
 
 
-def load_config(path: str | Path) -> Config:
+def read_config_file(path: str | Path) -> dict:
+    """The mapping in a YAML config file, or one line saying why it is not one."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not text: pass a YAML file such as a run's "
+                          "config.yaml") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return from_dict(data or {})
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} holds a {type(data).__name__}, not a mapping of "
+                          "sections (vsm, data, model, loss, optim, run)")
+    return data
+
+
+def load_config(path: str | Path) -> Config:
+    return from_dict(read_config_file(path))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
     from .io import atomic_write_text
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _nested(key: str, value: Any) -> dict:
+    parts = key.strip().split(".")
+    if parts[0] == "preset":
+        raise ConfigError("choose the preset with --preset, not an override")
+    nested: Any = value
+    for part in reversed(parts):
+        nested = {part: nested}
+    return nested
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
@@ -361,11 +402,47 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        nested: Any = value
-        for part in reversed(parts):
-            nested = {part: nested}
-        if parts[0] == "preset":
-            raise ConfigError("choose the preset with --preset, not an override")
-        _update(cfg, nested, "")
+        _update(cfg, _nested(key, value), "")
     return cfg.validate()
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def resolve_config(default_preset: str = "erkt", config_path: str | Path | None = None,
+                   preset: str | None = None, overrides=(), flags: dict | None = None,
+                   base: dict | None = None) -> Config:
+    """The one configuration resolver (every command and the benchmark use it):
+
+        defaults < preset < config file < --set overrides < dedicated flags
+
+    The preset is `preset` if given, else the one the file names, else `default_preset`; every
+    value in the file then wins over it. `base` (a checkpoint's stored configuration) sits below
+    the file. `flags` maps dotted keys to values (None: not given).
+    """
+    data = _merge(base or {}, read_config_file(config_path) if config_path else {})
+    if preset is not None:
+        data = {k: v for k, v in data.items() if k != "preset"}
+    cfg = from_dict(data, preset or data.get("preset") or default_preset)
+    apply_overrides(cfg, overrides)
+    for key, value in (flags or {}).items():
+        if value is not None:
+            _update(cfg, _nested(key, value), "")
+    return cfg.validate()
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every setting that differs between two to_dict()s."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out

@@ -1,57 +1,62 @@
-"""Evaluate a trained student, one teacher, or the ensemble on a split; write the reports."""
+"""Evaluation: a model's predictions over a loader, the scores, and the files that report them."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .checkpoint import CheckpointError, load_checkpoint
-from .config import Config, save_config
-from .data.dataset import Split
-from .data.loader import DaliLoader
-from .engine import evaluate_predictions, predict, prepare
+import torch
+
+from .errors import ConfigError
 from .io import atomic_write_text
-from .models import TeacherEnsemble, create_model
-from .precision import choose_precision, resolve_device
+from .metrics import ConfusionMeter, overall_accuracy, per_class_accuracy
 from .reports.confusion import write_confusion
+from .runtime import Runtime
 
 
-def load_trained(path, num_classes: int | None = None, classes: list | None = None):
-    """A model rebuilt from a dali-erkt checkpoint (its arch and weights), and the checkpoint."""
-    state = load_checkpoint(path)
-    if not isinstance(state, dict) or "arch" not in state or "model" not in state:
-        raise CheckpointError(f"{path} is not a dali-erkt checkpoint (no 'arch' and 'model'): "
-                              "evaluate runs written by train-teacher or distill")
-    if classes is not None and list(state.get("classes", classes)) != list(classes):
-        raise CheckpointError(f"{path} was trained on classes {state.get('classes')} but the split "
-                              f"has {list(classes)}")
-    n = num_classes or len(state["classes"])
-    model = create_model(state["arch"], n)
-    model.load_state_dict(state["model"])
-    return model, state
+@torch.no_grad()
+def predict(model, loader, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits' argmax and targets for every batch of `loader`, kept on the device (no host reads).
+
+    The loader goes on with its next epoch each call: evaluation epochs are all alike, and the
+    live pipeline is reused rather than rebuilt.
+    """
+    was_training = model.training
+    model.eval()
+    preds, targets = [], []
+    for batch in loader:
+        with rt.autocast():
+            logits = model(batch.images.to(rt.input_dtype))
+        preds.append(logits.argmax(1))
+        targets.append(batch.labels)
+    model.train(was_training)
+    return torch.cat(preds), torch.cat(targets)
 
 
-def load_ensemble(paths, weights, combine: str, classes: list) -> TeacherEnsemble:
-    """The frozen teacher ensemble from train-teacher checkpoints (one per teacher)."""
-    members = [load_trained(p, len(classes), classes)[0] for p in paths]
-    return TeacherEnsemble(members, weights, combine)
+def scores(preds, targets, num_classes: int) -> dict:
+    """{"oa", "per_class" (list, NaN for a class with no images), "cm"} of predictions."""
+    meter = ConfusionMeter(num_classes)
+    meter.update(preds, targets)
+    cm = meter.matrix()
+    return {"oa": overall_accuracy(cm), "per_class": per_class_accuracy(cm).tolist(), "cm": cm}
 
 
-def evaluate_model(model, cfg: Config, split: Split, out_dir, part: str = "test", name: str = "model",
-                   batch_size: int | None = None) -> dict:
-    """OA, per-class accuracy and the confusion matrix (CSV and PNG) of `model` on `split`."""
-    device = resolve_device(cfg.run.device)
-    precision = choose_precision(device, cfg.run.precision)
-    model = prepare(model, device, cfg.run.channels_last)
-    loader = DaliLoader(split.paths(part), split.labels(part), cfg, device, train=False,
-                        batch_size=batch_size)
-    preds, targets = predict(model, loader, device, precision)  # no_grad inside
-    ev = evaluate_predictions(preds, targets, len(split.classes))
+def report_paths(out_dir, name: str) -> list[Path]:
     out = Path(out_dir)
-    csv_path, png_path = write_confusion(ev["cm"], split.classes, out, stem=f"{name}_confusion",
+    return [out / f"{name}_metrics.json", out / f"{name}_confusion.csv", out / f"{name}_confusion.png"]
+
+
+def write_report(ev: dict, classes, out_dir, name: str, part: str, images: int,
+                 force: bool = False, extra: dict | None = None) -> dict:
+    """<name>_metrics.json and the confusion matrix (CSV, PNG) in `out_dir`; an existing report
+    of that name is kept unless `force`."""
+    existing = [p for p in report_paths(out_dir, name) if p.exists()]
+    if existing and not force:
+        raise ConfigError(f"{existing[0]} already exists: pass --force to replace it, or another --out")
+    out = Path(out_dir)
+    csv_path, png_path = write_confusion(ev["cm"], classes, out, stem=f"{name}_confusion",
                                          title=f"{name} on {part}")
-    result = {"name": name, "part": part, "images": int(targets.numel()), "oa": ev["oa"],
-              "per_class": {c: (None if v != v else v) for c, v in zip(split.classes, ev["per_class"])},
-              "confusion_csv": str(csv_path), "confusion_png": str(png_path)}
+    result = {"name": name, "part": part, "images": images, "oa": ev["oa"],
+              "per_class": {c: (None if v != v else v) for c, v in zip(classes, ev["per_class"])},
+              **(extra or {}), "confusion_csv": str(csv_path), "confusion_png": str(png_path)}
     atomic_write_text(out / f"{name}_metrics.json", json.dumps(result, indent=2) + "\n")
-    save_config(cfg, out / f"{name}_config.yaml")  # the settings the numbers were measured with
     return result

@@ -29,3 +29,13 @@ def atomic_write_text(path: Path, text: str) -> None:
         with open(tmp, "w") as fh:
             fh.write(text)
     atomic_write(path, write)
+
+
+def file_sha256(path) -> str:
+    """The SHA-256 of a file's bytes, as hex."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -3,14 +3,16 @@
     L = R * CE + (2 - R) * 2 * (L_inter + L_intra)
 
 Everything is computed in float32, also under autocast: the Pearson terms subtract close numbers
-and fp16 would round them away.
+and fp16 would round them away. This module is the definition; `dist_terms` hands the work to
+the fused Triton kernel in `dali_erkt.kernels` only where that is switched on and applies, and the
+tests compare the two.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .config import LossConfig
+from . import kernels
 
 
 # Guards the Pearson denominator against a constant row or column (1e-12 lets saturated softmax
@@ -49,13 +51,16 @@ def intra_class_relation(p_s: torch.Tensor, p_t: torch.Tensor, eps: float = EPS)
     return pearson_distance(p_s, p_t, dim=0, eps=eps).mean()
 
 
-def dist_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 2.0,
-               tau_squared: bool = True, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+def dist_terms_torch(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 2.0,
+                     tau_squared: bool = True, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
     """The unweighted DIST terms (inter, intra), times tau^2 with `tau_squared`, in float32.
 
     The official DIST code multiplies by tau^2 (keeping gradient scale across temperatures); the
     paper's formula omits it. The teacher is a fixed target: no gradient flows into it.
     """
+    if student_logits.ndim != 2 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student and teacher logits must be (B, C) of one shape, got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
     with _fp32(student_logits):
         p_s = F.softmax(student_logits.float() / tau, dim=1)
         p_t = F.softmax(teacher_logits.detach().float() / tau, dim=1)
@@ -64,22 +69,40 @@ def dist_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: 
                 scale * intra_class_relation(p_s, p_t, eps))
 
 
+def dist_impl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, impl: str = "auto") -> str:
+    """Which implementation `dist_terms` runs: "torch", or "triton" where `impl` asks for it, or
+    is "auto" and the kernel is enabled (kernels.triton_dist_enabled), runs on the tensors'
+    device and takes them."""
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    if impl != "auto":
+        return impl
+    if not (student_logits.is_cuda and kernels.triton_dist_enabled()):
+        return "torch"
+    if teacher_logits.requires_grad and torch.is_grad_enabled():
+        return "torch"  # the kernel gives the teacher no gradient
+    return "triton" if kernels.dist_kernel_accepts(student_logits, teacher_logits) else "torch"
+
+
+def dist_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 2.0,
+               tau_squared: bool = True, eps: float = EPS,
+               impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """DIST's (inter, intra) terms: `dist_terms_torch`, or the fused kernel (see `dist_impl`)."""
+    if dist_impl(student_logits, teacher_logits, impl) == "torch":
+        return dist_terms_torch(student_logits, teacher_logits, tau, tau_squared, eps)
+    return kernels.dist_terms_triton(student_logits, teacher_logits, tau, tau_squared, eps)
+
+
 def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 2.0,
               tau_squared: bool = True, inter_weight: float = 1.0,
               intra_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two DIST terms (inter, intra), each weighted and, with `tau_squared`, times tau^2.
-
-    Computed by `dali_erkt.kernels.dist_terms`: this module's `dist_terms` by default, the fused
-    Triton kernel where it is switched on (see kernels/README.md).
-    """
-    from dali_erkt.kernels import dist_terms as dispatch
-
-    inter, intra = dispatch(student_logits, teacher_logits.detach(), tau, tau_squared)
+    """The two DIST terms (inter, intra), each weighted and, with `tau_squared`, times tau^2."""
+    inter, intra = dist_terms(student_logits, teacher_logits.detach(), tau, tau_squared)
     return inter_weight * inter, intra_weight * intra
 
 
 def cutmix_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, partner_labels: torch.Tensor,
-                         partner_weight) -> torch.Tensor:
+                         mix_weight) -> torch.Tensor:
     """mean_i[(1 - w_i) CE(y_i) + w_i CE(y_partner_i)]; w is per sample (B,) or a scalar.
 
     w_i is the area of sample i covered by its CutMix partner's box (0 where nothing was pasted).
@@ -88,16 +111,18 @@ def cutmix_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, partner_lab
         logp = F.log_softmax(logits.float(), dim=1)
         ce_own = -logp.gather(1, labels.long().view(-1, 1)).squeeze(1)
         ce_partner = -logp.gather(1, partner_labels.long().view(-1, 1)).squeeze(1)
-        w = torch.as_tensor(partner_weight, dtype=torch.float32, device=logp.device)
+        w = torch.as_tensor(mix_weight, dtype=torch.float32, device=logp.device)
         return ((1.0 - w) * ce_own + w * ce_partner).mean()
 
 
 def erkt_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-              partner_labels: torch.Tensor, partner_weight, cfg: LossConfig) -> dict:
+              partner_labels: torch.Tensor, mix_weight, *, ratio: float = 1.0, tau: float = 2.0,
+              tau_squared: bool = True, inter_weight: float = 1.0,
+              intra_weight: float = 1.0) -> dict:
     """{"loss", "ce", "inter", "intra"}: inter and intra as they enter the sum (weighted, tau^2)."""
-    ce = cutmix_cross_entropy(student_logits, labels, partner_labels, partner_weight)
-    inter, intra = dist_loss(student_logits, teacher_logits, cfg.tau, cfg.tau_squared,
-                             cfg.inter_weight, cfg.intra_weight)
-    r = cfg.ratio
+    ce = cutmix_cross_entropy(student_logits, labels, partner_labels, mix_weight)
+    inter, intra = dist_loss(student_logits, teacher_logits, tau, tau_squared, inter_weight,
+                             intra_weight)
+    r = ratio
     return {"loss": r * ce + (2.0 - r) * 2.0 * (inter + intra), "ce": ce, "inter": inter,
             "intra": intra}

@@ -1,4 +1,5 @@
-"""Models: the timm factory, the frozen teacher ensemble, and parameter counts."""
+"""Models, built in one place: the timm factory, trained runs loaded back, the frozen teacher
+ensemble, and parameter counts."""
 from __future__ import annotations
 
 import difflib
@@ -9,29 +10,53 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_weights
-from .config import ConfigError
+from .checkpoint import load_checkpoint, load_state
+from .errors import CheckpointError, ConfigError
 
 COMBINES = ("probs", "logits")
 
 
-def create_model(arch: str, num_classes: int, pretrained: bool = False, weights=None,
-                 drop_rate: float | None = None) -> nn.Module:
-    """A timm model with `num_classes` outputs, optionally loaded from a local weights file.
-
-    `weights` may be a backbone trained for other classes (say ImageNet): its classifier is then
-    left at its initialisation and everything else loads.
-    """
+def create_model(arch: str, num_classes: int, pretrained: bool = False) -> nn.Module:
+    """A timm model with `num_classes` outputs (timm's hub weights with `pretrained`)."""
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=3)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise ConfigError(f"unknown timm model {arch!r}: {hint}list names with "
                           f"python -c \"import timm; print(timm.list_models('*{arch[:6]}*'))\"")
-    kwargs = {} if drop_rate is None else {"drop_rate": drop_rate}
-    model = timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **kwargs)
-    if weights is not None:
-        load_weights(model, weights, arch=arch, allow_head_mismatch=True)
-    return model
+    if not pretrained:
+        return timm.create_model(arch, num_classes=num_classes)
+    try:
+        return timm.create_model(arch, pretrained=True, num_classes=num_classes)
+    except Exception as exc:  # no network, no such weights, a hub error: all end the same way
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:100]
+        raise CheckpointError(f"could not fetch timm's pretrained weights for {arch} ({why}): pass "
+                              "a local file with --weights instead") from None
+
+
+def load_trained(path, classes: Sequence[str] | None = None, arch: str | None = None):
+    """(model, checkpoint) rebuilt from a dali-erkt run checkpoint: its arch, classes and weights.
+
+    `classes` and `arch`, where given, must match what the checkpoint records.
+    """
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or not isinstance(state.get("arch"), str) \
+            or not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"{path} is not a dali-erkt run checkpoint (no 'arch' and 'model'): "
+                              "use last.pt or best.pt of a train-teacher or distill run")
+    recorded = state.get("classes")
+    if not isinstance(recorded, list) or not recorded:
+        raise CheckpointError(f"{path} records no class names: use last.pt or best.pt of a "
+                              "train-teacher or distill run")
+    if classes is not None and list(recorded) != list(classes):
+        raise CheckpointError(f"{path} was trained on {len(recorded)} classes ({', '.join(recorded[:3])}"
+                              f"{', ...' if len(recorded) > 3 else ''}), not this split's "
+                              f"{len(classes)}: use a checkpoint trained on this split")
+    if arch is not None and state["arch"] != arch:
+        raise CheckpointError(f"{path} is a {state['arch']} checkpoint, but {arch} was asked for: "
+                              "list the teachers' architectures in model.teachers in order")
+    model = create_model(state["arch"], len(recorded))
+    load_state(model, state["model"], path)
+    return model, state
 
 
 class TeacherEnsemble(nn.Module):
@@ -81,24 +106,23 @@ class TeacherEnsemble(nn.Module):
         return torch.logsumexp(self._w.log() + F.log_softmax(logits, dim=2), dim=0)
 
 
-def build_ensemble(archs: Sequence[str], checkpoint_paths, weights: Sequence[float], combine: str,
-                   num_classes: int, pretrained: bool = False) -> TeacherEnsemble:
-    """Create the teachers and load each one's fine-tuned checkpoint (strictly: same classes).
-
-    `checkpoint_paths` is None (no checkpoints) or one path-or-None per arch.
-    """
-    paths = [None] * len(archs) if checkpoint_paths is None else list(checkpoint_paths)
-    if len(paths) != len(archs):
-        raise ConfigError(f"{len(archs)} teachers but {len(paths)} checkpoints: give one per teacher")
-    members = []
-    for arch, path in zip(archs, paths):
-        model = create_model(arch, num_classes, pretrained=pretrained)
-        if path is not None:
-            load_weights(model, path, arch=arch)
-        members.append(model)
+def build_ensemble(archs: Sequence[str], checkpoints: Sequence, weights: Sequence[float],
+                   combine: str, classes: Sequence[str]) -> TeacherEnsemble:
+    """The frozen ensemble of fine-tuned teachers: one train-teacher checkpoint per arch, each
+    checked against its arch and the split's classes."""
+    if len(checkpoints) != len(archs):
+        raise ConfigError(f"{len(archs)} teachers ({', '.join(archs)}) but {len(checkpoints)} "
+                          "checkpoints: give one per teacher")
+    members = [load_trained(path, classes, arch)[0] for arch, path in zip(archs, checkpoints)]
     return TeacherEnsemble(members, weights, combine)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (shared ones once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def place(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """`model` on `device`, in channels-last memory where asked (what the loader's images are)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model

@@ -1,15 +1,16 @@
-"""Hand-written GPU kernels with plain PyTorch twins (shipped as `dali_erkt.kernels`).
+"""Hand-written GPU kernels (shipped as `dali_erkt.kernels`). A kernel imports nothing from the
+package: the PyTorch definition it computes lives where it is used (the DIST loss in
+`dali_erkt.losses`), which calls the kernel only where it is enabled, and tests compare the two.
 
-Public API:
-  dist_terms(S, T, tau=2.0, tau_squared=True, impl="auto") -> (inter, intra)
+API:
+  dist_terms_triton(S, T, tau=2.0, tau_squared=True, eps=1e-8) -> (inter, intra)
+  dist_kernel_accepts(S, T) -> bool      the kernel can run on these tensors here
   triton_available(device=None) -> bool
   set_triton_dist_enabled(flag) / triton_dist_enabled() -> bool
-  resolve_dist_impl(S, T, impl="auto") -> "torch" | "triton"
-  benchmark_dist(B, C, device, iters) -> dict   (kernels/timing.py)
+  time_fwd_bwd(fns, B, C, device, iters) -> dict     (kernels/timing.py)
 
-Default: the torch twin. "auto" takes the fused Triton kernel only for CUDA tensors when triton can
-run AND the kernel is enabled (env DALI_ERKT_TRITON_DIST=1 or set_triton_dist_enabled(True)): a kernel
-becomes the default only after the benchmark shows it is clearly faster (kernels/README.md).
+The kernel is off by default (env DALI_ERKT_TRITON_DIST=1 or set_triton_dist_enabled(True) turn it
+on): a kernel becomes the default only after a benchmark shows it clearly faster (README.md).
 Triton is imported lazily, so importing this package never needs it.
 """
 from __future__ import annotations
@@ -19,11 +20,10 @@ import os
 
 import torch
 
-from .reference import EPS, dist_terms_reference
-from .timing import benchmark_dist
+from .timing import time_fwd_bwd
 
-__all__ = ["dist_terms", "dist_terms_reference", "triton_available", "set_triton_dist_enabled",
-           "triton_dist_enabled", "resolve_dist_impl", "benchmark_dist", "ENV_ENABLE_DIST"]
+__all__ = ["dist_terms_triton", "dist_kernel_accepts", "triton_available",
+           "set_triton_dist_enabled", "triton_dist_enabled", "time_fwd_bwd", "ENV_ENABLE_DIST"]
 
 ENV_ENABLE_DIST = "DALI_ERKT_TRITON_DIST"
 # None: follow the environment variable; True/False: override it (set_triton_dist_enabled).
@@ -31,7 +31,7 @@ _dist_enabled: bool | None = None
 
 
 def set_triton_dist_enabled(flag: bool | None) -> None:
-    """Let impl="auto" use the fused DIST kernel (True), forbid it (False), or follow the env (None)."""
+    """Let the DIST loss use the fused kernel (True), forbid it (False), or follow the env (None)."""
     global _dist_enabled
     _dist_enabled = flag
 
@@ -79,39 +79,22 @@ def triton_available(device: torch.device | str | None = None) -> bool:
     return _can_run(torch.device(device).type)
 
 
-def resolve_dist_impl(S: torch.Tensor, T: torch.Tensor, impl: str = "auto") -> str:
-    """Which implementation dist_terms(S, T, impl=impl) will run: "torch" or "triton"."""
-    if impl not in ("auto", "torch", "triton"):
-        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
-    if impl != "auto":
-        return impl
-    if not (S.is_cuda and T.is_cuda and triton_dist_enabled()):
-        return "torch"
-    mod = _dist_loss_module()
-    if mod is None or not triton_available(S.device):
-        return "torch"
-    try:
-        mod.check_inputs(S, T)
-    except (ValueError, TypeError):
-        return "torch"  # shapes/dtypes the kernel does not take: the twin does
-    if T.requires_grad and torch.is_grad_enabled():
-        return "torch"  # the kernel gives T no gradient; the twin does
-    return "triton"
-
-
-def dist_terms(S: torch.Tensor, T: torch.Tensor, tau: float = 2.0, tau_squared: bool = True,
-               impl: str = "auto", eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """DIST inter- and intra-class terms (fp32 scalars) of student logits S and teacher logits T, (B, C).
-
-    impl: "torch" (the twin, kernels.reference), "triton" (the fused kernel; gradient for S only,
-    raises if it cannot run here) or "auto" (see resolve_dist_impl; the twin unless enabled).
-    """
-    if resolve_dist_impl(S, T, impl) == "torch":
-        return dist_terms_reference(S, T, tau, tau_squared, eps)
-    mod = _dist_loss_module()
-    if mod is None:
-        raise RuntimeError("impl='triton' but triton cannot be imported")
+def dist_kernel_accepts(S: torch.Tensor, T: torch.Tensor) -> bool:
+    """True when the fused DIST kernel runs on these tensors here (device, shapes, dtypes)."""
     if not triton_available(S.device):
-        raise RuntimeError(f"impl='triton' but Triton kernels cannot run on {S.device} "
-                           "(CUDA needed, or TRITON_INTERPRET=1 for CPU tensors)")
-    return mod.dist_terms_triton(S, T, tau, tau_squared, eps)
+        return False
+    try:
+        _dist_loss_module().check_inputs(S, T)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def dist_terms_triton(S: torch.Tensor, T: torch.Tensor, tau: float = 2.0, tau_squared: bool = True,
+                      eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """DIST's (inter, intra) fp32 terms of student logits S and teacher logits T, (B, C), by the
+    fused kernel; gradient for S only. Raises RuntimeError where the kernel cannot run."""
+    if not triton_available(S.device):
+        raise RuntimeError(f"the fused DIST kernel cannot run on {S.device} (CUDA with triton "
+                           "needed, or TRITON_INTERPRET=1 for CPU tensors)")
+    return _dist_loss_module().dist_terms_triton(S, T, tau, tau_squared, eps)

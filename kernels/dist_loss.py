@@ -1,7 +1,7 @@
 """Fused DIST loss: both softmaxes, the inter and intra Pearson terms, and dL/dS in one launch each way.
 
 Why: at the paper's batch of 30 the KD step is launch-bound (DESIGN.md section 4) and the torch twin
-(kernels/reference.py) is ~30 small launches forward and more backward. Here the forward is ONE
+(`dali_erkt.losses.dist_terms_torch`) is ~30 small launches forward and more backward. Here the forward is ONE
 program that streams the (B, C) logits in row chunks held in registers; the backward is one launch
 of cdiv(B, BLOCK_R) programs (one for B <= BLOCK_R). No host sync anywhere, so it can sit inside a
 CUDA graph.
@@ -232,11 +232,11 @@ class DistTermsFunction(torch.autograd.Function):
 
 def dist_terms_triton(S: torch.Tensor, T: torch.Tensor, tau: float = 2.0, tau_squared: bool = True,
                       eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused kernel version of kernels.reference.dist_terms_reference (T gets no gradient)."""
+    """The fused kernel's (inter, intra), as `dali_erkt.losses.dist_terms_torch` (T gets no gradient)."""
     check_inputs(S, T)
     if T.requires_grad and torch.is_grad_enabled():
         raise ValueError("the fused DIST kernel gives no gradient to T: detach the teacher logits "
-                         "(or use impl='torch')")
+                         "(or use the torch definition)")
     return DistTermsFunction.apply(S, T, float(tau), bool(tau_squared), float(eps))
 
 

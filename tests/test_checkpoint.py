@@ -126,7 +126,7 @@ def test_load_weights_from_our_checkpoint_and_bare_state_dict(tmp_path, small):
     torch.save(small.state_dict(), tmp_path / "bare.pth")
     for name in ("ours.pt", "bare.pth"):
         fresh = create_model("resnet18", 3)
-        assert load_weights(fresh, tmp_path / name, arch="resnet18") == []
+        assert load_weights(fresh, tmp_path / name, arch="resnet18") == (len(small.state_dict()), [])
         assert same_state(fresh.state_dict(), small.state_dict())
 
 
@@ -168,13 +168,13 @@ def test_class_count_mismatch(tmp_path):
     msg = one_line(err)
     assert "10-class" in msg and "3 classes" in msg
     head = three.fc.weight.clone()
-    assert load_weights(three, tmp_path / "c.pt", allow_head_mismatch=True) == ["fc.weight", "fc.bias"]
+    assert load_weights(three, tmp_path / "c.pt", allow_head_mismatch=True)[1] == ["fc.weight", "fc.bias"]
     assert torch.equal(three.fc.weight, head)
     assert torch.equal(three.conv1.weight, ten.conv1.weight)
     # A backbone saved without its classifier loads the same way.
     headless = {k: v for k, v in ten.state_dict().items() if not k.startswith("fc.")}
     save_checkpoint(tmp_path / "headless.pt", headless)
-    assert load_weights(three, tmp_path / "headless.pt", allow_head_mismatch=True) == ["fc.weight", "fc.bias"]
+    assert load_weights(three, tmp_path / "headless.pt", allow_head_mismatch=True)[1] == ["fc.weight", "fc.bias"]
     with pytest.raises(CheckpointError, match="2 missing keys"):
         load_weights(three, tmp_path / "headless.pt")
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from dali_erkt.config import (UNITS, ConfigError, apply_overrides, default_config, from_dict,
-                              load_config, save_config, to_dict)
+from dali_erkt.config import (UNITS, apply_overrides, crop_size, default_config, differences,
+                              from_dict, load_config, resolve_config, save_config, to_dict)
+from dali_erkt.errors import ConfigError
 
 
 def test_paper_defaults_in_one_place():
@@ -14,11 +15,15 @@ def test_paper_defaults_in_one_place():
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.schedule) == (2e-4, 1e-6, "cosine")
     assert (cfg.loss.ratio, cfg.loss.tau, cfg.loss.tau_squared) == (1.0, 2.0, True)
     assert cfg.model.teachers == ("efficientnet_b3", "efficientnet_b0", "resnet50")
-    assert cfg.model.teacher_weights == (0.4, 0.3, 0.3) and cfg.model.student == "efficientnet_b0"
+    assert cfg.model.teacher_weights == (0.4, 0.3, 0.3) and cfg.model.arch == "efficientnet_b0"
     v = cfg.vsm
     assert (v.color_jitter.brightness, v.rotation.degrees) == (0.5, (-180.0, 180.0))
     assert (v.erasing.scale, v.erasing.ratio) == ((0.02, 0.33), (0.3, 3.3))
-    assert (v.resized_crop.size, v.resized_crop.scale) == (176, (0.08, 1.0))
+    # The crop's size follows the training size unless set: the paper's 176 at 256 px.
+    assert (v.resized_crop.size, v.resized_crop.scale) == (0, (0.08, 1.0))
+    assert crop_size(v.resized_crop, 256) == 176 and crop_size(v.resized_crop, 64) == 44
+    v.resized_crop.size = 100
+    assert crop_size(v.resized_crop, 64) == 100
     assert UNITS == ("color_jitter", "rotation", "hflip", "vflip", "grayscale", "autocontrast",
                      "erasing", "resized_crop", "cutmix")
 
@@ -53,6 +58,15 @@ def test_overrides_are_typed():
     ("vsm.erasing.scale=[0.1]", "needs 2 values"),
     ("model.teacher_weights=[0.5]", "give one weight per teacher"),
     ("run.precision=fp8", "use auto, fp32, fp16 or bf16"),
+    ("optim.lr=nan", "optim.lr = nan must be a positive number"),
+    ("optim.lr=inf", "must be a positive number"),
+    ("optim.weight_decay=-1", "optim.weight_decay = -1.0 must be >= 0"),
+    ("loss.tau=nan", "loss.tau = nan must be > 0"),
+    ("vsm.grayscale.p=nan", "is not a probability"),
+    ("vsm.erasing.scale=[nan, 0.2]", "empty or reversed"),
+    ("data.num_threads=0", "data.num_threads = 0 must be at least 1"),
+    ("data.prefetch=0", "data.prefetch = 0 must be at least 1"),
+    ("loss.ratio=nan", "loss.ratio = nan must be in [0, 2]"),
     ("batch_size", "must look like section.key=value"),
 ])
 def test_bad_values_fail_with_one_line(override, message):
@@ -69,6 +83,12 @@ def test_unknown_preset_and_bad_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("vsm: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- vsm\n- data\n")
+    with pytest.raises(ConfigError, match="holds a list, not a mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "noise.yaml").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match="is not text"):
+        load_config(tmp_path / "noise.yaml")
     (tmp_path / "unit.yaml").write_text("vsm:\n  mixup:\n    p: 0.5\n")
     with pytest.raises(ConfigError, match="unknown setting 'vsm.mixup'"):
         load_config(tmp_path / "unit.yaml")
@@ -78,3 +98,29 @@ def test_from_dict_applies_preset_first():
     cfg = from_dict({"preset": "base", "vsm": {"grayscale": {"p": 0.2}}})
     assert cfg.vsm.cutmix.p == 0.1 and cfg.vsm.grayscale.p == 0.2
     assert to_dict(cfg)["vsm"]["erasing"]["p"] == 0.0
+
+
+def test_resolver_precedence(tmp_path):
+    """defaults < preset < config file < --set < dedicated flags, for every command."""
+    f = tmp_path / "c.yaml"
+    f.write_text("preset: erkt\nvsm:\n  grayscale:\n    p: 0.7\n  hflip:\n    p: 0.3\n"
+                 "data:\n  batch_size: 12\n  image_size: 96\n")
+    cfg = resolve_config("erkt", f, preset="base", overrides=["vsm.hflip.p=0.4", "data.batch_size=16"],
+                         flags={"data.batch_size": 20, "optim.epochs": None})
+    assert cfg.preset == "base" and cfg.vsm.cutmix.p == 0.1  # --preset chose the layer below the file
+    assert cfg.vsm.grayscale.p == 0.7  # the file beats the preset (0.1 in both presets)
+    assert cfg.vsm.hflip.p == 0.4  # --set beats the file
+    assert cfg.data.batch_size == 20  # a dedicated flag beats --set
+    assert cfg.data.image_size == 96 and cfg.optim.epochs == 600  # None: flag not given
+    # Without --preset the file's own preset is the layer; without a file the command's default.
+    assert resolve_config("base", f).preset == "erkt"
+    assert resolve_config("base").preset == "base" and resolve_config("base").vsm.cutmix.p == 0.1
+    # A checkpoint's stored settings sit below the file.
+    cfg = resolve_config("erkt", f, base={"data": {"image_size": 48, "dtype": "float32"}})
+    assert cfg.data.image_size == 96 and cfg.data.dtype == "float32"
+
+
+def test_differences_name_each_changed_setting():
+    a, b = default_config(), default_config()
+    b.optim.epochs, b.vsm.cutmix.p = 10, 0.5
+    assert differences(to_dict(a), to_dict(b)) == [("optim.epochs", 600, 10), ("vsm.cutmix.p", 1.0, 0.5)]

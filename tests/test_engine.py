@@ -11,10 +11,13 @@ from click.testing import CliRunner
 from dali_erkt import engine
 from dali_erkt.checkpoint import load_checkpoint
 from dali_erkt.cli import main
-from dali_erkt.config import ConfigError, default_config, from_dict
-from dali_erkt.data.dataset import load_split, make_split, save_split
-from dali_erkt.demo import DemoSettings, run_demo
-from dali_erkt.evaluation import load_ensemble
+from dali_erkt.commands.demo import DemoSettings, run_demo
+from dali_erkt.config import default_config, from_dict
+from dali_erkt.data.dataset import make_split, save_split
+from dali_erkt.engine import Distillation, Supervised
+from dali_erkt.errors import CheckpointError, ConfigError, TrainingError
+from dali_erkt.models import build_ensemble
+from dali_erkt.runtime import resolve_runtime
 from dali_erkt.synthetic import make_scenes
 
 SIZE = 32
@@ -30,8 +33,19 @@ def tiny_config(preset="erkt", epochs=2):
     cfg.optim.lr = 2e-3
     cfg.run.device = "cpu"
     cfg.run.log_every = 2
-    cfg.model.teachers, cfg.model.teacher_weights, cfg.model.student = (ARCH, ARCH), (0.6, 0.4), ARCH
+    cfg.model.teachers, cfg.model.teacher_weights, cfg.model.arch = (ARCH, ARCH), (0.6, 0.4), ARCH
     return cfg.validate()
+
+
+def fit_teacher(cfg, split, out, **kwargs):
+    return engine.fit(cfg, split, out, Supervised(), resolve_runtime(cfg.run), progress=False, **kwargs)
+
+
+def fit_student(cfg, split, out, teachers, **kwargs):
+    m = cfg.model
+    ens = build_ensemble(m.teachers, teachers, m.teacher_weights, m.combine, split.classes)
+    return engine.fit(cfg, split, out, Distillation.from_config(ens, cfg.loss), resolve_runtime(cfg.run),
+                      progress=False, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +62,14 @@ def teachers(split, tmp_path_factory):
     paths = []
     for k in range(2):
         cfg.run.seed = k
-        engine.fit(cfg, split, out / f"t{k}", ARCH, progress=False)
+        fit_teacher(cfg, split, out / f"t{k}")
         paths.append(out / f"t{k}" / "last.pt")
     return paths
 
 
 def test_distillation_beats_chance(split, teachers, tmp_path):
     cfg = tiny_config("erkt", epochs=8)
-    ens = load_ensemble(teachers, cfg.model.teacher_weights, cfg.model.combine, split.classes)
-    s = engine.fit(cfg, split, tmp_path / "student", ARCH, teacher=ens, progress=False)
+    s = fit_student(cfg, split, tmp_path / "student", teachers)
     chance = 1 / len(split.classes)
     # Measured: about 0.75 (4 classes, 60 training images, 8 epochs); the margin asked is +0.25.
     assert s["last_oa"] >= chance + 0.25, s
@@ -69,28 +82,27 @@ def test_distillation_beats_chance(split, teachers, tmp_path):
     assert saved == cfg
 
 
-def _fit_stopped_after_first_epoch(cfg, split, out, teacher, monkeypatch):
+def _fit_stopped_after_first_epoch(cfg, split, out, teachers, monkeypatch):
     """Run `fit` and kill it right after epoch 1's checkpoint and log are written."""
-    real = engine._write_log
+    real = engine.RunDir.save
 
-    def write_then_stop(out_dir, history):
-        real(out_dir, history)
+    def save_then_stop(self, state, is_best):
+        real(self, state, is_best)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "_write_log", write_then_stop)
+    monkeypatch.setattr(engine.RunDir, "save", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        engine.fit(cfg, split, out, ARCH, teacher=teacher, progress=False)
-    monkeypatch.setattr(engine, "_write_log", real)
+        fit_student(cfg, split, out, teachers)
+    monkeypatch.setattr(engine.RunDir, "save", real)
 
 
 def test_resume_continues_exactly(split, teachers, tmp_path, monkeypatch):
     cfg = tiny_config("erkt", epochs=2)
-    ens = load_ensemble(teachers, cfg.model.teacher_weights, cfg.model.combine, split.classes)
-    full = engine.fit(cfg, split, tmp_path / "full", ARCH, teacher=ens, progress=False)
+    full = fit_student(cfg, split, tmp_path / "full", teachers)
 
-    _fit_stopped_after_first_epoch(cfg, split, tmp_path / "cut", ens, monkeypatch)
+    _fit_stopped_after_first_epoch(cfg, split, tmp_path / "cut", teachers, monkeypatch)
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 0
-    resumed = engine.fit(cfg, split, tmp_path / "cut", ARCH, teacher=ens, resume=True, progress=False)
+    resumed = fit_student(cfg, split, tmp_path / "cut", teachers, resume=True)
 
     assert resumed["last_oa"] == full["last_oa"] and resumed["agreement"] == full["agreement"]
     a = load_checkpoint(tmp_path / "full" / "last.pt")
@@ -103,10 +115,10 @@ def test_resume_continues_exactly(split, teachers, tmp_path, monkeypatch):
 
 def test_an_existing_run_is_not_overwritten(split, tmp_path):
     cfg = tiny_config("base", epochs=1)
-    engine.fit(cfg, split, tmp_path / "run", ARCH, progress=False)
+    fit_teacher(cfg, split, tmp_path / "run")
     before = (tmp_path / "run" / "last.pt").read_bytes()
     with pytest.raises(ConfigError, match="already holds a run"):
-        engine.fit(cfg, split, tmp_path / "run", ARCH, progress=False)
+        fit_teacher(cfg, split, tmp_path / "run")
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
 
 
@@ -122,19 +134,20 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(split, tmp_path, monkey
         return loss * float("nan") if calls["n"] > steps_per_epoch else loss  # from epoch 2 on
 
     monkeypatch.setattr(engine, "cutmix_cross_entropy", poisoned)
-    with pytest.raises(engine.TrainingError, match="NaN or infinite at epoch 2.*last good checkpoint"):
-        engine.fit(cfg, split, tmp_path / "run", ARCH, progress=False)
+    with pytest.raises(TrainingError, match=r"NaN or infinite at step \d+ of epoch 2.*last good checkpoint"):
+        fit_teacher(cfg, split, tmp_path / "run")
     state = load_checkpoint(tmp_path / "run" / "last.pt")
     assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values()
                                        if v.is_floating_point())
 
 
 def test_resume_refuses_another_architecture(split, tmp_path):
-    cfg = tiny_config("base", epochs=2)
-    engine.fit(cfg, split, tmp_path / "run", ARCH, progress=False)
-    from dali_erkt.checkpoint import CheckpointError
-    with pytest.raises(CheckpointError, match="nothing to resume|not resnet18"):
-        engine.fit(cfg, split, tmp_path / "run", "resnet18", resume=True, progress=False)
+    cfg = tiny_config("base", epochs=3)
+    cfg.optim.epochs = 1
+    fit_teacher(cfg, split, tmp_path / "run")
+    cfg.optim.epochs, cfg.model.arch = 3, "resnet18"
+    with pytest.raises(CheckpointError, match="a run of resnet10t, not resnet18"):
+        fit_teacher(cfg, split, tmp_path / "run", resume=True, allow_changes=True)
 
 
 def test_cosine_schedule():
@@ -156,25 +169,38 @@ def test_cli_train_teacher_distill_evaluate(split, tmp_path):
         assert r.exit_code == 0, r.output
     teachers = ["--set", "model.teachers=[resnet10t, resnet14t]", "--set", "model.teacher_weights=[0.5, 0.5]"]
     r = run(main, ["distill", "--teachers", str(tmp_path / "t"), "--out", str(tmp_path / "s"),
-                   "--set", "model.student=resnet10t"] + teachers + common)
+                   "--set", "model.arch=resnet10t"] + teachers + common)
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["kind"] == "student" and summary["epochs"] == 1
     assert (tmp_path / "s" / "best.pt").is_file() and (tmp_path / "s" / "config.yaml").is_file()
 
-    r = run(main, ["evaluate", "--split", str(split_dir), "--checkpoint", str(tmp_path / "s" / "last.pt"),
-                   "--out", str(tmp_path / "ev"), "--device", "cpu", "--image-size", str(SIZE), "--json"])
+    # No --image-size: the checkpoint's own settings (32 px) are used, not the default 256.
+    evaluate = ["evaluate", "--split", str(split_dir), "--checkpoint", str(tmp_path / "s" / "last.pt"),
+                "--out", str(tmp_path / "ev"), "--device", "cpu", "--json"]
+    r = run(main, evaluate)
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
     assert set(result["per_class"]) == set(split.classes) and 0 <= result["oa"] <= 1
-    header = (tmp_path / "ev" / "student_confusion.csv").read_text().splitlines()[0]
+    assert result["image_size"] == SIZE and result["name"] == "student-resnet10t-last"
+    header = (tmp_path / "ev" / "student-resnet10t-last_confusion.csv").read_text().splitlines()[0]
     assert all(c in header for c in split.classes)
-    assert (tmp_path / "ev" / "student_confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert yaml.safe_load((tmp_path / "ev" / "student_config.yaml").read_text())["data"]["image_size"] == SIZE
+    assert (tmp_path / "ev" / "student-resnet10t-last_confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = tmp_path / "ev" / "student-resnet10t-last_config.yaml"
+    assert yaml.safe_load(saved.read_text())["data"]["image_size"] == SIZE
+    # An existing report is kept unless --force; a flag that overrides the run's size says so.
+    before = (tmp_path / "ev" / "student-resnet10t-last_metrics.json").read_bytes()
+    r = run(main, evaluate)
+    assert r.exit_code == 2 and "already exists" in r.stderr and "--force" in r.stderr
+    assert (tmp_path / "ev" / "student-resnet10t-last_metrics.json").read_bytes() == before
+    r = run(main, evaluate + ["--force", "--image-size", "48"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["image_size"] == 48, r.output
+    assert "data.image_size = 48; the run was trained with 32" in r.stderr
 
     r = run(main, ["evaluate", "--split", str(split_dir), "--teachers", str(tmp_path / "t"),
-                   "--out", str(tmp_path / "ev"), "--device", "cpu", "--image-size", str(SIZE)] + teachers)
-    assert r.exit_code == 0 and "ensemble on test: OA" in r.output, r.output
+                   "--out", str(tmp_path / "ev"), "--device", "cpu"] + teachers)
+    assert r.exit_code == 0, r.output
+    assert "ensemble-resnet10t+resnet14t on test: OA" in r.output and f"at {SIZE} px" in r.output
 
 
 def test_cli_errors_are_one_line(split, tmp_path):
@@ -234,9 +260,15 @@ def test_cli_resume_reads_the_runs_own_config(split, tmp_path):
              "--no-progress", "--set", "vsm.grayscale.p=0.3"]
     assert CliRunner().invoke(main, first).exit_code == 0
     # Only --epochs is given now: size, batch, device and the VSM come from out/config.yaml.
-    r = CliRunner().invoke(main, ["train-teacher", "--split", str(split_dir), "--arch", ARCH,
-                                  "--out", str(out), "--resume", "--epochs", "2", "--no-progress"])
+    resume = ["train-teacher", "--split", str(split_dir), "--arch", ARCH, "--out", str(out), "--resume",
+              "--epochs", "2", "--no-progress"]
+    # More epochs reshape the cosine schedule: refused in one line unless asked for explicitly.
+    r = CliRunner().invoke(main, resume)
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
+    assert "optim.epochs = 2, but the run has 1" in r.stderr and "--allow-changes" in r.stderr
+    r = CliRunner().invoke(main, resume + ["--allow-changes"])
     assert r.exit_code == 0, r.output
+    assert "resume: optim.epochs changed from 1 to 2" in r.stderr
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["data"]["image_size"] == SIZE and saved["vsm"]["grayscale"]["p"] == 0.3
     assert saved["optim"]["epochs"] == 2

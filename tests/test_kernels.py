@@ -1,4 +1,5 @@
-"""The fused DIST Triton kernel against its torch twin, and the dispatch of dali_erkt.kernels.
+"""The fused DIST Triton kernel against the loss's PyTorch definition, and the dispatch in
+dali_erkt.losses.
 
 Triton kernels run here through Triton's CPU interpreter. The comparisons run in ONE subprocess
 started with TRITON_INTERPRET=1, not in the pytest process: triton.jit decides interpreted vs
@@ -49,26 +50,7 @@ GRAD_REL = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
 GRAD_FLOOR = 1e-7
 
 
-def _load_kernels():
-    """dali_erkt.kernels whether or not the package is installed (`pip install -e .`)."""
-    try:
-        return importlib.import_module("dali_erkt.kernels")
-    except ImportError:
-        pass
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    importlib.import_module("dali_erkt")
-    # setup.cfg maps dali_erkt.kernels onto the top-level kernels/ folder; do the same by hand.
-    spec = importlib.util.spec_from_file_location(
-        "dali_erkt.kernels", REPO / "kernels" / "__init__.py",
-        submodule_search_locations=[str(REPO / "kernels")])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["dali_erkt.kernels"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-kernels = _load_kernels()
+from dali_erkt import kernels, losses  # noqa: E402
 
 
 def _inputs(case):
@@ -92,7 +74,7 @@ def _inputs(case):
 def _run_case(case, impl):
     S, T = _inputs(case)
     S.requires_grad_(True)
-    inter, intra = kernels.dist_terms(S, T, tau=case["tau"], tau_squared=case["sq"], impl=impl)
+    inter, intra = losses.dist_terms(S, T, tau=case["tau"], tau_squared=case["sq"], impl=impl)
     w_inter, w_intra = case.get("weights", (0.7, 1.3))
     # Unequal weights check each term's upstream gradient; w_intra None leaves intra out of the
     # graph, so its upstream gradient arrives as None (materialised as zeros).
@@ -119,10 +101,10 @@ def _worker():
     # Dispatch under the interpreter: auto still picks the twin for CPU tensors, even if enabled.
     kernels.set_triton_dist_enabled(True)
     S, T = _inputs(CASES[0])
-    out["auto_cpu_enabled"] = kernels.resolve_dist_impl(S, T, "auto")
+    out["auto_cpu_enabled"] = losses.dist_impl(S, T, "auto")
     # The kernel gives T no gradient, so a T that needs one is refused rather than silently cut.
     try:
-        kernels.dist_terms(S, T.requires_grad_(True), impl="triton")
+        losses.dist_terms(S, T.requires_grad_(True), impl="triton")
         out["t_grad_refused"] = False
     except ValueError:
         out["t_grad_refused"] = True
@@ -196,7 +178,7 @@ def _loop_dist(S, T, tau, sq, eps=1e-8):
 def test_twin_matches_loop_definition(tau, sq):
     g = torch.Generator().manual_seed(3)
     S, T = 3 * torch.randn(17, 6, generator=g), 3 * torch.randn(17, 6, generator=g)
-    inter, intra = kernels.dist_terms_reference(S, T, tau, sq)
+    inter, intra = losses.dist_terms_torch(S, T, tau, sq)
     li, lj = _loop_dist(S, T, tau, sq)
     assert inter.dtype == intra.dtype == torch.float32
     assert float(inter) == pytest.approx(li, abs=1e-5)
@@ -206,7 +188,7 @@ def test_twin_matches_loop_definition(tau, sq):
 def test_twin_half_inputs_fp32_terms_half_grad():
     S = torch.randn(30, 45).half().requires_grad_(True)
     T = torch.randn(30, 45).half()
-    inter, intra = kernels.dist_terms_reference(S, T)
+    inter, intra = losses.dist_terms_torch(S, T)
     assert inter.dtype == intra.dtype == torch.float32
     (g,) = torch.autograd.grad(inter + intra, S)
     assert g.dtype == torch.float16 and torch.isfinite(g).all()
@@ -218,11 +200,11 @@ def test_auto_falls_back_to_twin_on_cpu(monkeypatch):
     assert kernels.triton_dist_enabled()
     S = torch.randn(30, 45, requires_grad=True)
     T = torch.randn(30, 45)
-    assert kernels.resolve_dist_impl(S, T, "auto") == "torch"
+    assert losses.dist_impl(S, T, "auto") == "torch"
     # The Triton module must not even be looked up for CPU tensors.
     monkeypatch.setattr(kernels, "_dist_loss_module", lambda: pytest.fail("triton path taken"))
-    got = kernels.dist_terms(S, T, impl="auto")
-    want = kernels.dist_terms_reference(S, T)
+    got = losses.dist_terms(S, T, impl="auto")
+    want = losses.dist_terms_torch(S, T)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
@@ -239,19 +221,28 @@ def test_kernel_disabled_by_default(monkeypatch):
 def test_bad_impl_rejected():
     S = torch.randn(4, 3)
     with pytest.raises(ValueError):
-        kernels.dist_terms(S, S, impl="cuda")
+        losses.dist_terms(S, S, impl="cuda")
 
 
-def test_triton_available_is_a_bool_and_triton_impl_errors_cleanly():
-    ok = kernels.triton_available()
-    assert isinstance(ok, bool)
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="checks the compiled-mode answer")
+def test_without_the_interpreter_cpu_tensors_get_no_kernel():
+    """Compiled Triton kernels need CUDA: in this process (no TRITON_INTERPRET) the CPU answer is
+    no, the kernel refuses CPU tensors in one clear error, and the loss never picks it."""
+    assert kernels.triton_available("cpu") is False
     S = torch.randn(4, 3)
-    if not kernels.triton_available("cpu"):  # the usual case: no interpreter in this process
-        with pytest.raises(RuntimeError):
-            kernels.dist_terms(S, S, impl="triton")
+    assert kernels.dist_kernel_accepts(S, S) is False
+    with pytest.raises(RuntimeError, match="cannot run on cpu"):
+        losses.dist_terms(S, S, impl="triton")
+    kernels.set_triton_dist_enabled(True)
+    try:
+        assert losses.dist_impl(S, S, "auto") == "torch"
+    finally:
+        kernels.set_triton_dist_enabled(None)
 
 
-def test_benchmark_on_cpu_returns_none_timings():
-    r = kernels.benchmark_dist(30, 45, "cpu", iters=3)
-    assert r["torch_ms"] is None and r["triton_ms"] is None and r["speedup"] is None
-    assert (r["B"], r["C"]) == (30, 45)
+def test_timing_on_cpu_returns_none_timings():
+    fns = {"torch": lambda S, T: losses.dist_terms(S, T, impl="torch"),
+           "triton": lambda S, T: losses.dist_terms(S, T, impl="triton")}
+    r = kernels.time_fwd_bwd(fns, 30, 45, "cpu", iters=3)
+    assert r["torch_ms"] is None and r["triton_ms"] is None and r["max_abs_diff"] is None
+    assert (r["B"], r["C"]) == (30, 45) and "no CUDA" in r["note"]

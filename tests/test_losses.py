@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dali_erkt.config import LossConfig
 from dali_erkt.losses import (cutmix_cross_entropy, dist_loss, erkt_loss, inter_class_relation,
                               intra_class_relation, pearson_distance)
 
@@ -159,8 +158,7 @@ def test_erkt_loss_combination(ratio):
     y = torch.arange(10) % 6
     yp = y.flip(0)
     w = torch.linspace(0, 1, 10)
-    cfg = LossConfig(ratio=ratio, tau=2.0, tau_squared=True)
-    out = erkt_loss(s, t, y, yp, w, cfg)
+    out = erkt_loss(s, t, y, yp, w, ratio=ratio, tau=2.0, tau_squared=True)
     assert set(out) == {"loss", "ce", "inter", "intra"}
     ref_inter, ref_intra = ref_dist(s.double().tolist(), t.double().tolist(), 2.0, True)
     rows = s.double().tolist()
@@ -170,6 +168,4 @@ def test_erkt_loss_combination(ratio):
     assert out["ce"].item() == pytest.approx(ref_ce_value, rel=1e-5)
     assert out["inter"].item() == pytest.approx(ref_inter, rel=1e-4)
     assert out["intra"].item() == pytest.approx(ref_intra, rel=1e-4)
-    assert out["loss"].item() == pytest.approx(want, rel=1e-4)
-    assert out["loss"].item() == pytest.approx(
-        (ratio * out["ce"] + (2 - ratio) * 2 * (out["inter"] + out["intra"])).item(), rel=1e-6)
+    assert out["loss"].item() == pytest.approx(want, rel=1e-4)  # against float64 loops, not the code

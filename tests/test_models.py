@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from dali_erkt.checkpoint import CheckpointError, save_checkpoint
+from dali_erkt.checkpoint import load_weights, save_checkpoint
+from dali_erkt.errors import CheckpointError
 from dali_erkt.config import ConfigError
 from dali_erkt.models import TeacherEnsemble, build_ensemble, count_parameters, create_model
 
@@ -107,9 +108,8 @@ def test_ensemble_rejects_bad_settings(members, weights, combine):
 
 # ---- timm factory ----------------------------------------------------------------------------
 
-def test_create_model_forward_and_drop_rate():
-    model = create_model("resnet18", 3, drop_rate=0.3)
-    assert model.drop_rate == 0.3
+def test_create_model_forward():
+    model = create_model("resnet18", 3)
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3)
 
 
@@ -124,7 +124,9 @@ def test_backbone_weights_with_another_head_load_all_but_the_head(tmp_path, caps
     source = create_model("resnet18", 10)
     path = tmp_path / "imagenet_like.pth"
     torch.save(source.state_dict(), path)  # a bare state dict, as users' backbone weights are
-    model = create_model("resnet18", 3, weights=path)
+    model = create_model("resnet18", 3)
+    loaded, skipped = load_weights(model, path, allow_head_mismatch=True)
+    assert (loaded, skipped) == (len(source.state_dict()) - 2, ["fc.weight", "fc.bias"])
     assert model.fc.weight.shape == (3, 512)
     for key, value in source.state_dict().items():
         if not key.startswith("fc."):
@@ -133,22 +135,32 @@ def test_backbone_weights_with_another_head_load_all_but_the_head(tmp_path, caps
 
 
 def test_build_ensemble_loads_teacher_checkpoints_strictly(tmp_path):
-    trained = create_model("resnet18", 3)
-    save_checkpoint(tmp_path / "t.pt", {"model": trained.state_dict(), "arch": "resnet18"})
-    ens = build_ensemble(["resnet18", "resnet18"], [tmp_path / "t.pt", None], [0.5, 0.5], "probs", 3)
+    classes = ["beach", "forest", "harbor"]
+    trained, other = create_model("resnet18", 3), create_model("resnet10t", 3)
+    save_checkpoint(tmp_path / "t.pt", {"model": trained.state_dict(), "arch": "resnet18",
+                                        "classes": classes})
+    save_checkpoint(tmp_path / "o.pt", {"model": other.state_dict(), "arch": "resnet10t",
+                                        "classes": classes})
+    ens = build_ensemble(["resnet18", "resnet10t"], [tmp_path / "t.pt", tmp_path / "o.pt"], [0.5, 0.5],
+                         "probs", classes)
     assert all(torch.equal(ens.members[0].state_dict()[k], v) for k, v in trained.state_dict().items())
+    assert all(torch.equal(ens.members[1].state_dict()[k], v) for k, v in other.state_dict().items())
     assert not any(p.requires_grad for p in ens.parameters())
     assert ens(torch.randn(2, 3, 64, 64)).shape == (2, 3)
-    with pytest.raises(CheckpointError, match="3-class"):  # teachers must fit this dataset's classes
-        build_ensemble(["resnet18"], [tmp_path / "t.pt"], [1.0], "probs", 5)
+    # Teachers must fit this split's classes, and be the architectures model.teachers names.
+    with pytest.raises(CheckpointError, match="3 classes .* not this split's 5"):
+        build_ensemble(["resnet18"], [tmp_path / "t.pt"], [1.0], "probs", classes + ["lake", "port"])
+    with pytest.raises(CheckpointError, match="is a resnet10t checkpoint, but resnet18 was asked for"):
+        build_ensemble(["resnet18", "resnet18"], [tmp_path / "t.pt", tmp_path / "o.pt"], [0.5, 0.5],
+                       "probs", classes)
     with pytest.raises(ConfigError):
-        build_ensemble(["resnet18", "resnet18"], [tmp_path / "t.pt"], [0.5, 0.5], "probs", 3)
+        build_ensemble(["resnet18", "resnet18"], [tmp_path / "t.pt"], [0.5, 0.5], "probs", classes)
 
 
 def test_count_parameters_matches_the_papers_sizes():
     student = create_model("efficientnet_b0", 1000)
     assert count_parameters(student) == 5_288_548  # 5.3 M
-    ens = build_ensemble(["efficientnet_b3", "efficientnet_b0", "resnet50"], None,
-                         [0.4, 0.3, 0.3], "probs", 1000)
+    ens = TeacherEnsemble([create_model(a, 1000) for a in ("efficientnet_b3", "efficientnet_b0", "resnet50")],
+                          [0.4, 0.3, 0.3], "probs")
     assert round(count_parameters(ens) / 1e6, 1) == 43.1
     assert count_parameters(ens, trainable_only=True) == 0

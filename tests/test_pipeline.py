@@ -44,13 +44,14 @@ def only(unit: str | None, p: float = 1.0):
 
 def run_and_replay(paths, cfg, seed=3, epoch=0):
     """One epoch's first batch from the DALI CPU pipeline and the twin's replay of its plan."""
-    loader = DaliLoader(paths, [0] * len(paths), cfg, device="cpu", train=True, seed=seed)
+    loader = DaliLoader.from_config(paths, [0] * len(paths), cfg, device="cpu", train=True, seed=seed)
     loader.set_epoch(epoch)
     batch = next(iter(loader))
     idx = batch.indices.numpy()
     plan = make_batch_plan(cfg.vsm, S, seed, epoch, 0, idx)
     imgs = [reference.to_tensor(np.asarray(Image.open(paths[i]).convert("RGB"))) for i in idx]
-    twin = reference.normalize(reference.apply_plan(imgs, plan, cfg), cfg)
+    twin = reference.normalize(reference.apply_plan(imgs, plan, cfg.vsm, S, cfg.data.mean),
+                               cfg.data.mean, cfg.data.std)
     mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
     std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
     to255 = lambda t: (t.float() * std + mean) * 255.0  # back to pixel levels
@@ -94,7 +95,7 @@ def test_unit_matches_torchvision_twin(paths, unit):
         # The unit really changed the images (so the comparison is not trivially identity).
         untouched = reference.normalize(torch.stack(
             [reference.to_tensor(np.asarray(Image.open(paths[i]).convert("RGB")))
-             for i in plan.indices]), cfg)
+             for i in plan.indices]), cfg.data.mean, cfg.data.std)
         assert not torch.allclose(twin, (untouched * torch.tensor(cfg.data.std).view(1, 3, 1, 1)
                                          + torch.tensor(cfg.data.mean).view(1, 3, 1, 1)) * 255)
 
@@ -146,7 +147,7 @@ def test_erasing_fills_with_mean_colour(paths):
 def test_output_shape_dtype_layout(paths):
     cfg = default_config()
     cfg.data.image_size, cfg.data.batch_size, cfg.data.num_threads = S, 8, 2
-    loader = DaliLoader(paths, list(range(len(paths))), cfg, device="cpu", seed=1)
+    loader = DaliLoader.from_config(paths, list(range(len(paths))), cfg, device="cpu", train=True, seed=1)
     batch = next(iter(loader))
     assert batch.images.shape == (8, 3, S, S)
     assert batch.images.dtype == torch.float16
@@ -155,7 +156,7 @@ def test_output_shape_dtype_layout(paths):
     assert batch.mix_weight.dtype == torch.float32
     np.testing.assert_array_equal(batch.labels.numpy(), batch.indices.numpy())
     cfg.data.dtype = "float32"
-    loader = DaliLoader(paths, list(range(len(paths))), cfg, device="cpu", seed=1)
+    loader = DaliLoader.from_config(paths, list(range(len(paths))), cfg, device="cpu", train=True, seed=1)
     assert next(iter(loader)).images.dtype == torch.float32
 
 
@@ -181,7 +182,7 @@ def test_gpu_pipeline_matches_cpu(paths):
     cfg.data.batch_size = 24
     out = {}
     for device in ("cpu", "cuda:0"):
-        loader = DaliLoader(paths, list(range(len(paths))), cfg, device=device, seed=5)
+        loader = DaliLoader.from_config(paths, list(range(len(paths))), cfg, device=device, train=True, seed=5)
         loader.set_epoch(2)
         out[device] = next(iter(loader))
     cpu, gpu = out["cpu"], out["cuda:0"]
@@ -203,7 +204,7 @@ def test_loader_epochs_resume_and_replay(paths):
     cfg = default_config()
     cfg.data.image_size, cfg.data.batch_size, cfg.data.num_threads = S, 5, 2
     labels = [i % 3 for i in range(len(paths))]
-    loader = DaliLoader(paths, labels, cfg, device="cpu", seed=9)
+    loader = DaliLoader.from_config(paths, labels, cfg, device="cpu", seed=9)
     assert len(loader) == len(paths) // 5  # drop_last: one shape for every training batch
     e0 = _epoch(loader, 0)
     e1 = _epoch(loader, 1)
@@ -212,7 +213,7 @@ def test_loader_epochs_resume_and_replay(paths):
     assert len(set(seen.tolist())) == len(seen)  # no sample twice in an epoch
     assert not torch.equal(seen, torch.cat([b.indices for b in e1]))  # reshuffled
     # Resume inside epoch 1 at batch 2: the same batches as the uninterrupted epoch's tail.
-    fresh = DaliLoader(paths, labels, cfg, device="cpu", seed=9)
+    fresh = DaliLoader.from_config(paths, labels, cfg, device="cpu", seed=9)
     tail = _epoch(fresh, 1, start=2)
     assert len(tail) == len(e1) - 2
     for a, b in zip(tail, e1[2:]):
@@ -224,25 +225,25 @@ def test_loader_epochs_resume_and_replay(paths):
 
 
 def test_loader_rejects_bad_requests(paths):
-    from dali_erkt.data.dataset import DataError
+    from dali_erkt.errors import DataError
 
     cfg = default_config()
     cfg.data.image_size, cfg.data.batch_size = S, 8
     with pytest.raises(DataError, match="no full batch"):
-        DaliLoader(paths[:3], [0, 1, 2], cfg, device="cpu")
-    loader = DaliLoader(paths, [0] * len(paths), cfg, device="cpu")
+        DaliLoader.from_config(paths[:3], [0, 1, 2], cfg, device="cpu")
+    loader = DaliLoader.from_config(paths, [0] * len(paths), cfg, device="cpu", train=True)
     with pytest.raises(DataError, match="outside the epoch"):
         loader.set_epoch(0, start_batch=len(loader))
     with pytest.raises(DataError, match="labels"):
-        DaliLoader(paths, [0], cfg, device="cpu")
+        DaliLoader.from_config(paths, [0], cfg, device="cpu")
 
 
 def test_eval_loader_keeps_order_and_last_partial_batch(paths):
     cfg = default_config()
     cfg.data.image_size, cfg.data.batch_size = S, 10
-    loader = DaliLoader(paths, list(range(len(paths))), cfg, device="cpu", train=False)
+    loader = DaliLoader.from_config(paths, list(range(len(paths))), cfg, device="cpu", train=False)
     batches = list(loader)
-    assert [len(b) for b in batches] == [10, 10, 4]
+    assert [b.labels.shape[0] for b in batches] == [10, 10, 4]
     assert torch.cat([b.indices for b in batches]).tolist() == list(range(len(paths)))
     assert all((b.mix_weight == 0).all() for b in batches)
 
@@ -256,7 +257,7 @@ def test_every_format_and_mode_decodes_like_pillow(image_tree):
     cfg = default_config()
     cfg.data.image_size, cfg.data.batch_size, cfg.data.dtype = 32, len(files), "float32"
     cfg.data.mean, cfg.data.std = (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255)  # output = pixels
-    batch = next(iter(DaliLoader(files, [l for _, l in samples], cfg, device="cpu", train=False)))
+    batch = next(iter(DaliLoader.from_config(files, [l for _, l in samples], cfg, device="cpu", train=False)))
     for i, f in enumerate(files):
         ref = reference.resize(reference.to_tensor(load_rgb(f)), 32) * 255
         err = (batch.images[i].float() - ref).abs().mean().item()
@@ -272,6 +273,13 @@ def test_gpu_graph_is_defined_without_cuda(preset):
     from dali_erkt.data.source import EpochSource
 
     cfg = default_config(preset)
-    for make, train in ((train_pipeline, True), (eval_pipeline, False)):
-        pipe = make(EpochSource(["x.jpg"] * 40, [0] * 40, cfg, train, 0), cfg, device_id=0)
+    d = cfg.data
+    common = dict(image_size=d.image_size, mean=d.mean, std=d.std, dtype=d.dtype, normalize=True,
+                  device_id=0, batch_size=d.batch_size, num_threads=1, prefetch=1)
+    train = EpochSource(["x.jpg"] * 40, [0] * 40, batch_size=d.batch_size, train=True, vsm=cfg.vsm,
+                        image_size=d.image_size)
+    test = EpochSource(["x.jpg"] * 40, [0] * 40, batch_size=d.batch_size, train=False, vsm=None,
+                       image_size=d.image_size)
+    for pipe in (train_pipeline(train, train.names, vsm=cfg.vsm, **common),
+                 eval_pipeline(test, test.names, **common)):
         assert all(node.device == "gpu" for node in pipe._graph_out)

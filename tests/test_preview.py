@@ -13,7 +13,7 @@ from conftest import write_image_tree
 from dali_erkt.cli import main
 from dali_erkt.config import UNITS, default_config
 from dali_erkt.data.dataset import scan
-from dali_erkt.preview import augmented_views, gate_rates, pick_rows
+from dali_erkt.commands.preview import augmented_views, gate_rates, pick_rows
 
 SMALL = ("--set", "data.image_size=32")  # a small grid keeps the slower tests quick
 
@@ -72,11 +72,17 @@ def test_set_changes_p_and_text_output(tree, tmp_path):
     assert "per batch" in res.stdout and f"grid: {out}" in res.stdout
 
 
-def test_preset_and_config_together_is_an_error(tree, tmp_path):
+def test_config_file_wins_over_preset(tree, tmp_path):
+    """defaults < preset < config file < --set: the file's setting beats the preset's, --set the file's."""
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("preset: base\n")
-    res = run("preview", tree, "--preset", "erkt", "--config", cfg, "--out", tmp_path / "g.png")
-    assert res.exit_code == 2 and res.stderr.startswith("error: ")
+    cfg.write_text("vsm:\n  grayscale:\n    p: 0.7\n  hflip:\n    p: 0.2\n")
+    res = run("preview", tree, "--preset", "base", "--config", cfg, "--set", "vsm.hflip.p=0.3",
+              "--samples", 10, "--rows", 1, "--json", "--out", tmp_path / "g.png", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    gates = json.loads(res.stdout)["gates"]
+    assert gates["grayscale"]["p"] == 0.7  # the file, not erkt's or base's 0.1
+    assert gates["hflip"]["p"] == 0.3  # --set over the file
+    assert gates["cutmix"]["p"] == 0.1 and json.loads(res.stdout)["preset"] == "base"  # the preset's
 
 
 def test_gate_rates_counts_exactly_n_samples():

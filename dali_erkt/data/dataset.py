@@ -18,14 +18,11 @@ import numpy as np
 import yaml
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from ..errors import DataError
 from ..io import atomic_write_text
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 PARTS = ("train", "test")
-
-
-class DataError(ValueError):
-    """The data is not usable; the message is one line that says what is wrong and what to do."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,44 +1,56 @@
-"""The loader: a split's epochs as torch tensors on the pipeline's device.
+"""The loader: a split's epochs as torch batches, fed by the DALI pipeline. It behaves like a
+torch `DataLoader`, so other KD code can use it as one:
 
-Usable on its own by other KD code:
+    from dali_erkt import DaliLoader
 
-    loader = DaliLoader(paths, labels, cfg, device="cuda:0", train=True, seed=0)
+    loader = DaliLoader(paths, labels, image_size=256, batch_size=30, device="cuda")
     for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        for batch in loader:          # Batch(images, labels, partner_labels, mix_weight, indices)
-            ...                       # images: N x 3 x H x W, channels-last, fp16
+        loader.sampler.set_epoch(epoch)      # or loader.set_epoch(epoch); optional, see below
+        for images, labels, partner_labels, mix_weight, indices in loader:
+            ...                              # images: N x 3 x H x W, channels-last, fp16
 
-The DALI pipeline persists across epochs and prefetches (`cfg.data.prefetch` batches) while the
-caller computes; asking for an epoch out of sequence, or for a start inside an epoch (resume),
-rebuilds it at that position.
+Epochs: each new `iter()` starts the next epoch, after a finished epoch or an abandoned one
+(`break`); `set_epoch(e)` chooses the epoch explicitly. `state_dict()` / `load_state_dict()`
+hold (epoch, batch) for a resume inside an epoch; `len(loader)` counts the batches the next
+`iter()` yields (fewer after a mid-epoch start). The DALI pipeline persists across epochs and
+prefetches `prefetch` batches while the caller computes; a start anywhere else rebuilds it there.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import os
+from typing import NamedTuple
 
 import torch
 
-from ..config import Config
-from .dataset import DataError
-from .pipeline import OUTPUTS, eval_pipeline, train_pipeline
+from ..config import VSMConfig, vsm_preset
+from ..errors import DataError
+from .pipeline import EVAL_OUTPUTS, OUTPUTS, eval_pipeline, train_pipeline
 from .source import EpochSource
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_DTYPES = {"float16": "float16", "float32": "float32", torch.float16: "float16",
+           torch.float32: "float32", "fp16": "float16", "fp32": "float32"}
 
-@dataclass
-class Batch:
-    images: torch.Tensor  # (N, 3, H, W), channels-last memory, normalised
+
+class Batch(NamedTuple):
+    """One batch; unpacks like a tuple and keeps its names."""
+    images: torch.Tensor  # (N, 3, H, W), channels-last memory; normalised (or uint8 [0, 255])
     labels: torch.Tensor  # int64
-    partner_labels: torch.Tensor  # int64: label of the CutMix partner (= labels in evaluation)
-    mix_weight: torch.Tensor  # float32: weight of the partner label (0 in evaluation)
+    partner_labels: torch.Tensor  # int64: the CutMix partner's label (= labels where none)
+    mix_weight: torch.Tensor  # float32: the partner label's weight, the pasted area (0: none)
     indices: torch.Tensor  # int64 dataset indices
 
-    def __len__(self) -> int:
-        return self.labels.shape[0]
-
-    def pin_memory(self) -> "Batch":
-        """Called by torch's DataLoader (pin_memory=True) for the torchvision reference loader."""
-        return Batch(*(t.pin_memory() for t in (self.images, self.labels, self.partner_labels,
-                                                  self.mix_weight, self.indices)))
+    def soft_targets(self, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+        """(N, num_classes) float32 targets: (1 - w) * own + w * partner, each label smoothed
+        (1 - smoothing on the class, smoothing / num_classes spread over all classes)."""
+        def smooth(y):
+            t = torch.full((y.shape[0], num_classes), smoothing / num_classes,
+                           dtype=torch.float32, device=y.device)
+            return t.scatter_add_(1, y.view(-1, 1), torch.full_like(t[:, :1], 1.0 - smoothing))
+        w = self.mix_weight.float().view(-1, 1)
+        return (1.0 - w) * smooth(self.labels) + w * smooth(self.partner_labels)
 
 
 def device_id_of(device) -> int | None:
@@ -48,75 +60,168 @@ def device_id_of(device) -> int | None:
         return None
     if device.type != "cuda":
         raise DataError(f"the DALI loader runs on cpu or cuda devices, not {device.type}")
+    if not torch.cuda.is_available():
+        raise DataError(f"device {device} asked for, but CUDA is not available here: use device='cpu'")
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-class DaliLoader:
-    """Batches of one split. `train=True`: shuffled, the nine VSM units; otherwise plain order."""
+class _EpochSampler:
+    """`loader.sampler.set_epoch(e)`, as code written for DistributedSampler calls it."""
 
-    def __init__(self, paths, labels, cfg: Config, device="cpu", train: bool = True,
-                 seed: int = 0, rank: int = 0, world: int = 1, batch_size: int | None = None):
+    def __init__(self, loader: "DaliLoader"):
+        self.set_epoch = loader.set_epoch
+
+
+class DaliLoader:
+    """Batches of one split. `train=True`: shuffled, the nine VSM units; otherwise every image
+    once, in order, the last batch partial.
+
+    Arguments are plain values: `preset` names the VSM settings (`vsm` gives them whole and wins);
+    `cutmix=False` leaves the paste out of the graph (partner_labels == labels, mix_weight == 0);
+    `dtype=None` means fp16 on a GPU, fp32 on the CPU; `normalize=False` gives uint8 images;
+    `fields=("images", "labels")` yields plain tuples of just those fields.
+    """
+
+    def __init__(self, paths, labels, *, image_size: int = 256, batch_size: int = 30,
+                 train: bool = True, device="cuda", preset: str = "erkt",
+                 vsm: VSMConfig | None = None, cutmix: bool = True, dtype=None,
+                 normalize: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 num_threads: int | None = None, prefetch: int = 2, seed: int = 0, rank: int = 0,
+                 world: int = 1, fields=None, drop_last: bool = True):
         if len(paths) != len(labels):
-            raise DataError(f"{len(paths)} paths but {len(labels)} labels")
+            raise DataError(f"{len(paths)} paths but {len(labels)} labels: give one label per path")
         if not len(paths):
-            raise DataError("the split has no images")
-        self.cfg = cfg
-        self.train = train
+            raise DataError("the loader got no images")
+        if not 0 <= rank < world:
+            raise DataError(f"rank {rank} is outside world {world}")
+        if fields is not None and not set(fields) <= set(Batch._fields):
+            raise DataError(f"fields {tuple(fields)}: choose from {', '.join(Batch._fields)}")
         self.device_id = device_id_of(device)
-        self.source = EpochSource(paths, labels, cfg, train, seed, rank, world, batch_size)
+        self.device = torch.device("cpu") if self.device_id is None else torch.device("cuda", self.device_id)
+        if dtype is None:
+            dtype = "float32" if self.device_id is None else "float16"
+        if dtype not in _DTYPES:
+            raise DataError(f"dtype {dtype!r}: use float16 or float32")
+        vsm = copy.deepcopy(vsm) if vsm is not None else vsm_preset(preset)
+        if not cutmix:
+            vsm.cutmix.p = 0.0
+        self.batch_size = batch_size
+        self.train = train
+        self.fields = None if fields is None else tuple(fields)
+        self.sampler = _EpochSampler(self)
+        self._settings = dict(image_size=image_size, mean=tuple(mean), std=tuple(std),
+                              dtype=_DTYPES[dtype], normalize=normalize, batch_size=batch_size,
+                              num_threads=num_threads or max(1, min(4, os.cpu_count() or 1)),
+                              prefetch=prefetch)
+        self.source = EpochSource(paths, labels, batch_size=batch_size, train=train,
+                                  vsm=vsm if train else None, image_size=image_size, seed=seed,
+                                  rank=rank, world=world, drop_last=drop_last)
+        self.vsm = vsm
         if len(self.source) == 0:
             raise DataError(f"{self.source.per_rank} training images make no full batch of "
-                            f"{self.source.batch_size}: lower data.batch_size")
-        self._epoch, self._start = 0, 0
+                            f"{batch_size}: lower the batch size")
+        self._epoch, self._batch = 0, 0  # the position after the last batch handed out
+        # True when the position was set (set_epoch, load_state_dict) or an epoch completed; False
+        # after a batch was handed out, so an abandoned epoch is followed by the next one.
+        self._exact = True
         self._iterator = None
         self._next = None  # (epoch, batch) the live pipeline produces next
 
-    def __len__(self) -> int:
-        """Batches per epoch (from the start of the epoch)."""
+    @classmethod
+    def from_config(cls, paths, labels, cfg, *, device, train: bool = True, seed: int | None = None,
+                    rank: int = 0, world: int = 1, batch_size: int | None = None) -> "DaliLoader":
+        """The loader a run's configuration describes (data and VSM settings)."""
+        d = cfg.data
+        return cls(paths, labels, image_size=d.image_size, batch_size=batch_size or d.batch_size,
+                   train=train, device=device, vsm=cfg.vsm, dtype=d.dtype, mean=d.mean, std=d.std,
+                   num_threads=d.num_threads, prefetch=d.prefetch,
+                   seed=cfg.run.seed if seed is None else seed, rank=rank, world=world,
+                   drop_last=d.drop_last)
+
+    # -- position ------------------------------------------------------------------------------
+
+    @property
+    def batches_per_epoch(self) -> int:
         return len(self.source)
 
+    def __len__(self) -> int:
+        """Batches the next iter() yields: the epoch's, less those before a mid-epoch start."""
+        return len(self.source) - (self._batch if self._exact else 0)
+
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if not 0 <= start_batch < len(self):
-            raise DataError(f"start_batch {start_batch} is outside the epoch's {len(self)} batches")
-        self._epoch, self._start = epoch, start_batch
+        """The next iter() yields `epoch` from batch `start_batch` on."""
+        if not 0 <= start_batch < len(self.source):
+            raise DataError(f"start_batch {start_batch} is outside the epoch's {len(self.source)} batches")
+        if epoch < 0:
+            raise DataError(f"epoch {epoch} must be >= 0")
+        self._epoch, self._batch, self._exact = int(epoch), int(start_batch), True
 
-    def plan_position(self) -> tuple[int, int]:
-        return self._epoch, self._start
+    def state_dict(self) -> dict:
+        """{"epoch", "batch"}: the position after the last batch handed out (or set); loading
+        it into a new loader resumes there."""
+        if self._batch >= len(self.source):  # the epoch's last batch was handed out
+            return {"epoch": self._epoch + 1, "batch": 0}
+        return {"epoch": self._epoch, "batch": self._batch}
 
-    def _build(self):
-        # Import here: the plugin imports torch-side DALI pieces only when a loader is used.
+    def load_state_dict(self, state: dict) -> None:
+        self.set_epoch(int(state["epoch"]), int(state["batch"]))
+
+    # -- iteration -----------------------------------------------------------------------------
+
+    def _build(self, epoch: int, batch: int):
+        # Imported here: the plugin loads torch-side DALI pieces only when a loader runs.
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self.close()
-        self.source.start_epoch, self.source.start_batch = self._epoch, self._start
-        make = train_pipeline if self.train else eval_pipeline
-        pipe = make(self.source, self.cfg, self.device_id, self.source.batch_size)
-        names = OUTPUTS if self.train else ("images", "labels", "indices")
+        self.source.start_epoch, self.source.start_batch = epoch, batch
+        s = dict(self._settings, device_id=self.device_id)
+        if self.train:
+            pipe, names = train_pipeline(self.source, self.source.names, vsm=self.vsm, **s), OUTPUTS
+        else:
+            pipe, names = eval_pipeline(self.source, self.source.names, **s), EVAL_OUTPUTS
         self._iterator = DALIGenericIterator(pipe, list(names), auto_reset=True,
                                              last_batch_policy=LastBatchPolicy.PARTIAL)
 
     def __iter__(self):
-        if self._iterator is None or self._next != (self._epoch, self._start):
-            self._build()
-        epoch = self._epoch
-        self._next = None  # a caller who stops early leaves the pipeline mid-epoch: rebuild next time
-        for out in self._iterator:
-            d = out[0]
-            images = d["images"].permute(0, 3, 1, 2)  # NHWC memory = channels-last NCHW, no copy
-            labels = d["labels"].long()
-            if self.train:
-                batch = Batch(images, labels, d["partner_labels"].long(),
-                              d["mix_weight"].float(), d["indices"].long())
-            else:
-                batch = Batch(images, labels, labels, torch.zeros_like(labels, dtype=torch.float32),
-                              d["indices"].long())
-            yield batch
-        # The pipeline has been reset by the iterator and continues with the next epoch.
-        self._epoch, self._start = epoch + 1, 0
-        self._next = (self._epoch, 0)
+        if not self._exact:  # the last epoch was abandoned part-way: go on with the next one
+            self._epoch, self._batch, self._exact = self._epoch + 1, 0, True
+        epoch, start = self._epoch, self._batch
+        if self._iterator is None or self._next != (epoch, start):
+            self._build(epoch, start)
+        self._next = None  # until the epoch completes, the live pipeline's position is unknown
+        return self._batches(epoch, start)
+
+    def _batches(self, epoch: int, start: int):
+        for k, out in enumerate(self._iterator):
+            # Handed out: a later iter() without set_epoch() starts the next epoch.
+            self._batch, self._exact = start + k + 1, False
+            yield self._wrap(out[0])
+        # Complete: the iterator has reset and the pipeline continues with the next epoch.
+        self._epoch, self._batch, self._exact = epoch + 1, 0, True
+        self._next = (epoch + 1, 0)
+
+    def _wrap(self, d: dict):
+        images = d["images"].permute(0, 3, 1, 2)  # NHWC memory = channels-last NCHW, no copy
+        labels = d["labels"].long()
+        if self.train:
+            batch = Batch(images, labels, d["partner_labels"].long(), d["mix_weight"].float(),
+                          d["indices"].long())
+        else:
+            batch = Batch(images, labels, labels, torch.zeros_like(labels, dtype=torch.float32),
+                          d["indices"].long())
+        if self.fields is None:
+            return batch
+        return tuple(getattr(batch, f) for f in self.fields)
 
     def close(self) -> None:
+        """Release the pipeline (its threads and memory); the loader can still be iterated."""
         if self._iterator is not None:
             del self._iterator
             self._iterator = None
             self._next = None
+
+    def __enter__(self) -> "DaliLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -74,13 +74,14 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarr
 
 
 def shard(order: np.ndarray, rank: int, world: int) -> np.ndarray:
-    """This rank's part of an epoch: the order padded (by wrapping) to a multiple of `world`."""
+    """This rank's part of an epoch: the order padded (by wrapping) to a multiple of `world`,
+    then every world-th sample from `rank` on, as a contiguous array (DALI refuses strided data)."""
     if world == 1:
         return order
     pad = (-len(order)) % world
     if pad:
         order = np.concatenate([order, order[:pad]])
-    return order[rank::world]
+    return np.ascontiguousarray(order[rank::world])
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
@@ -203,8 +204,9 @@ def make_batch_plan(vsm: VSMConfig, image_size: int, seed: int, epoch: int, batc
     perm = g.permutation(n).astype(np.int64)
     if fire:
         box = np.array(cutmix_box(lam, ry, rx, image_size), dtype=np.int32)
-    else:
+    else:  # no partner: every sample keeps its own label (drawn anyway, so later draws stay put)
         box = np.zeros(4, dtype=np.int32)
+        perm = np.arange(n, dtype=np.int64)
     weight = np.full(n, box[2] * box[3] / float(image_size * image_size), dtype=np.float32)
     gates["cutmix"] = np.full(n, fire)
 

@@ -11,8 +11,9 @@ import torch
 import torchvision.transforms.v2.functional as F
 from torchvision.transforms import InterpolationMode
 
-from ..config import Config
+from ..config import VSMConfig, crop_size
 from .dataset import load_rgb
+from .loader import Batch
 from .plan import BatchPlan, make_batch_plan
 from .source import EpochSource
 
@@ -28,7 +29,8 @@ def resize(img: torch.Tensor, size: int) -> torch.Tensor:
     return F.resize(img, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
 
 
-def apply_sample(img: torch.Tensor, plan: BatchPlan, i: int, cfg: Config) -> torch.Tensor:
+def apply_sample(img: torch.Tensor, plan: BatchPlan, i: int, vsm: VSMConfig, image_size: int,
+                 mean) -> torch.Tensor:
     """Units 1-8 (all but CutMix) on sample i of the plan."""
     g = {unit: bool(v[i]) for unit, v in plan.gates.items()}
     if g["color_jitter"]:
@@ -47,14 +49,14 @@ def apply_sample(img: torch.Tensor, plan: BatchPlan, i: int, cfg: Config) -> tor
         img = F.autocontrast(img)
     y, x, h, w = (int(v) for v in plan.erase_box[i])
     if g["erasing"] and h > 0 and w > 0:
-        fill = torch.tensor(cfg.data.mean, dtype=img.dtype).view(3, 1, 1)
+        fill = torch.tensor(mean, dtype=img.dtype).view(3, 1, 1)
         img = F.erase(img, y, x, h, w, fill)
     if g["resized_crop"]:
         y, x, h, w = (int(v) for v in plan.crop_box[i])
-        crop = cfg.vsm.resized_crop.size
+        crop = crop_size(vsm.resized_crop, image_size)
         img = F.resized_crop(img, y, x, h, w, [crop, crop], interpolation=InterpolationMode.BILINEAR,
                              antialias=True)
-        img = resize(img, cfg.data.image_size)
+        img = resize(img, image_size)
     return img
 
 
@@ -68,13 +70,15 @@ def apply_cutmix(images: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
     return out
 
 
-def normalize(images: torch.Tensor, cfg: Config) -> torch.Tensor:
-    return F.normalize(images, list(cfg.data.mean), list(cfg.data.std))
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    return F.normalize(images, list(mean), list(std))
 
 
-def apply_plan(images: list[torch.Tensor], plan: BatchPlan, cfg: Config) -> torch.Tensor:
+def apply_plan(images: list[torch.Tensor], plan: BatchPlan, vsm: VSMConfig, image_size: int,
+               mean) -> torch.Tensor:
     """The nine units on a batch of [0, 1] CHW images (already at the training size)."""
-    out = torch.stack([apply_sample(img, plan, i, cfg) for i, img in enumerate(images)])
+    out = torch.stack([apply_sample(img, plan, i, vsm, image_size, mean)
+                       for i, img in enumerate(images)])
     return apply_cutmix(out, plan)
 
 
@@ -83,8 +87,8 @@ def apply_plan(images: list[torch.Tensor], plan: BatchPlan, cfg: Config) -> torc
 # --------------------------------------------------------------------------------------------
 
 class _PlanDataset(torch.utils.data.Dataset):
-    def __init__(self, source: EpochSource):
-        self.source = source
+    def __init__(self, source: EpochSource, mean):
+        self.source, self.mean = source, mean
 
     def __len__(self):
         return len(self.source.paths)
@@ -92,14 +96,14 @@ class _PlanDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, batch, pos, idx = key
         src = self.source
-        size = src.cfg.data.image_size
+        size = src.image_size
         img = resize(to_tensor(load_rgb(src.paths[idx])), size)
         if src.train:
             # A sample's parameters depend only on (seed, epoch, index): a one-sample plan
             # gives the same view as the full batch's plan.
-            plan = make_batch_plan(src.cfg.vsm, size, src.seed, epoch, batch, np.array([idx]),
+            plan = make_batch_plan(src.vsm, size, src.seed, epoch, batch, np.array([idx]),
                                    rank=src.rank)
-            img = apply_sample(img, plan, 0, src.cfg)
+            img = apply_sample(img, plan, 0, src.vsm, size, self.mean)
         return img, int(src.labels[idx]), key
 
 
@@ -121,25 +125,24 @@ class _Collate:
     """Stacks samples and applies the batch's CutMix; a plain object (not a bound method of the
     loader) so that the DataLoader's workers do not keep the loader alive."""
 
-    def __init__(self, source: EpochSource):
-        self.source = source
+    def __init__(self, source: EpochSource, mean, std):
+        self.source, self.mean, self.std = source, mean, std
 
     def __call__(self, items):
-        from .loader import Batch
         src = self.source
         images = torch.stack([it[0] for it in items])
         labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
         epoch, batch = items[0][2][0], items[0][2][1]
         idx = np.array([it[2][3] for it in items], dtype=np.int64)
         if src.train:
-            plan = make_batch_plan(src.cfg.vsm, src.cfg.data.image_size, src.seed, epoch, batch, idx,
+            plan = make_batch_plan(src.vsm, src.image_size, src.seed, epoch, batch, idx,
                                    rank=src.rank)
             images = apply_cutmix(images, plan)
             partner = labels[torch.as_tensor(plan.cutmix_perm)]
             weight = torch.as_tensor(plan.cutmix_weight)
         else:
             partner, weight = labels, torch.zeros(len(labels))
-        images = normalize(images, src.cfg).contiguous(memory_format=torch.channels_last)
+        images = normalize(images, self.mean, self.std).contiguous(memory_format=torch.channels_last)
         return Batch(images, labels, partner, weight, torch.as_tensor(idx))
 
 
@@ -147,14 +150,14 @@ class ReferenceLoader:
     """torchvision DataLoader yielding the same `Batch`es as `DaliLoader`: CPU tensors, fp32,
     channels-last (pinned where CUDA is, so copies to the GPU can be asynchronous)."""
 
-    def __init__(self, paths, labels, cfg: Config, train: bool = True, seed: int = 0,
-                 workers: int = 2, batch_size: int | None = None):
-        self.source = EpochSource(paths, labels, cfg, train, seed, batch_size=batch_size)
-        self.cfg = cfg
+    def __init__(self, paths, labels, *, vsm: VSMConfig, image_size: int, batch_size: int, mean,
+                 std, train: bool = True, seed: int = 0, workers: int = 2, drop_last: bool = True):
+        self.source = EpochSource(paths, labels, batch_size=batch_size, train=train, vsm=vsm,
+                                  image_size=image_size, seed=seed, drop_last=drop_last)
         self.sampler = _BatchKeys(self.source)
         self.loader = torch.utils.data.DataLoader(
-            _PlanDataset(self.source), batch_sampler=self.sampler, num_workers=workers,
-            collate_fn=_Collate(self.source), persistent_workers=workers > 0,
+            _PlanDataset(self.source, mean), batch_sampler=self.sampler, num_workers=workers,
+            collate_fn=_Collate(self.source, mean, std), persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available())
 
     def __len__(self):

@@ -4,38 +4,106 @@ DALI calls a source with a `BatchInfo` (iteration within the epoch, number of re
 the source turns that into (epoch, batch) and returns the batch, or raises StopIteration at the
 end of the epoch. Everything is derived from (seed, epoch, batch), so prefetching, restarting
 mid-epoch and sharding over processes all see the same batches.
+
+The source also says which values it yields (`names`): the pipeline builds its graph from them.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..config import Config
-from .pipeline import EVAL_INPUTS, plan_inputs, train_inputs
+from ..config import VSMConfig
+from ..errors import DataError
 from .plan import epoch_order, make_batch_plan, num_batches, shard
+
+# The values a training batch may carry, in order. A unit with p = 0 is left out of the graph and
+# p = 1 needs no gate, so the source computes only what the configured graph uses.
+TRAIN_INPUTS = (
+    "encoded", "labels", "partner_labels", "mix_weight", "indices",
+    "color_jitter", "brightness", "contrast", "saturation",
+    "rotation", "angle", "hflip", "vflip", "grayscale", "autocontrast",
+    "erase_anchor", "erase_shape", "resized_crop", "crop_start", "crop_end",
+    "paste_ids", "paste_anchors", "paste_shapes",
+)
+EVAL_INPUTS = ("encoded", "labels", "indices")
+_UNIT_INPUTS = {
+    "color_jitter": ("brightness", "contrast", "saturation"),
+    "rotation": ("angle",),
+    "hflip": ("hflip", "vflip"),
+    "vflip": ("hflip", "vflip"),
+    "grayscale": (),
+    "autocontrast": (),
+    "erasing": ("erase_anchor", "erase_shape"),
+    "resized_crop": ("crop_start", "crop_end"),
+    "cutmix": ("paste_ids", "paste_anchors", "paste_shapes"),
+}
+GATED = ("color_jitter", "rotation", "grayscale", "autocontrast", "resized_crop")
+
+
+def train_inputs(vsm: VSMConfig) -> tuple[str, ...]:
+    """The names the training source yields for these VSM settings, in TRAIN_INPUTS order."""
+    used = set(TRAIN_INPUTS[:5])
+    for unit, names in _UNIT_INPUTS.items():
+        p = getattr(vsm, unit).p
+        if p > 0:
+            used.update(names)
+            if p < 1 and unit in GATED:
+                used.add(unit)
+    return tuple(k for k in TRAIN_INPUTS if k in used)
+
+
+def plan_inputs(plan, size: int) -> dict[str, np.ndarray]:
+    """The per-batch arrays the training pipeline reads, derived from a BatchPlan."""
+    n = len(plan)
+    g = plan.gates
+    eb = plan.erase_box.astype(np.float32)
+    cb = plan.crop_box.astype(np.float32)
+    box = plan.cutmix_box.astype(np.int32)
+    own = np.arange(n, dtype=np.int32)
+    # Every sample pastes itself whole, then its partner's box over it (an empty box: no change).
+    paste_ids = np.stack([own, plan.cutmix_perm.astype(np.int32)], axis=1)
+    anchors = np.zeros((n, 2, 2), dtype=np.int32)
+    anchors[:, 1] = box[:2]
+    shapes = np.empty((n, 2, 2), dtype=np.int32)
+    shapes[:, 0] = (size, size)
+    shapes[:, 1] = box[2:]
+    return {
+        "color_jitter": g["color_jitter"], "brightness": plan.brightness,
+        "contrast": plan.contrast, "saturation": plan.saturation,
+        "rotation": g["rotation"], "angle": plan.angle,
+        "hflip": g["hflip"].astype(np.int32), "vflip": g["vflip"].astype(np.int32),
+        "grayscale": g["grayscale"], "autocontrast": g["autocontrast"],
+        "erase_anchor": eb[:, :2].copy(), "erase_shape": eb[:, 2:].copy(),
+        "resized_crop": g["resized_crop"], "crop_start": cb[:, :2].copy(),
+        "crop_end": (cb[:, :2] + cb[:, 2:]).copy(),
+        "paste_ids": paste_ids, "paste_anchors": anchors, "paste_shapes": shapes,
+    }
 
 
 class EpochSource:
     """Batches of one split for a sequence of epochs starting at (start_epoch, start_batch)."""
 
-    def __init__(self, paths, labels, cfg: Config, train: bool, seed: int,
-                 rank: int = 0, world: int = 1, batch_size: int | None = None):
+    def __init__(self, paths, labels, *, batch_size: int, train: bool, vsm: VSMConfig | None,
+                 image_size: int, seed: int = 0, rank: int = 0, world: int = 1,
+                 drop_last: bool = True):
         self.paths = [str(p) for p in paths]
         self.labels = np.asarray(labels, dtype=np.int64)
-        self.cfg = cfg
+        self.vsm, self.image_size = vsm, image_size
         self.train = train
         self.seed = seed
         self.rank, self.world = rank, world
-        self.batch_size = batch_size or cfg.data.batch_size
-        self.drop_last = cfg.data.drop_last if train else False
+        self.batch_size = batch_size
+        self.drop_last = drop_last if train else False
         self.per_rank = len(shard(np.arange(len(self.paths)), rank, world))
         self.start_epoch, self.start_batch = 0, 0
         self._cached = (None, None)
-        self.names = train_inputs(cfg) if train else EVAL_INPUTS
+        self.names = train_inputs(vsm) if train else EVAL_INPUTS
 
     def __len__(self) -> int:
+        """Batches per epoch."""
         return num_batches(self.per_rank, self.batch_size, self.drop_last)
 
     def order(self, epoch: int) -> np.ndarray:
+        """This rank's samples of `epoch`, in order (contiguous: DALI takes no strided arrays)."""
         if self._cached[0] != epoch:
             full = epoch_order(len(self.paths), self.seed, epoch, shuffle=self.train)
             self._cached = (epoch, shard(full, self.rank, self.world))
@@ -52,7 +120,14 @@ class EpochSource:
         return epoch, batch
 
     def read(self, indices: np.ndarray) -> list[np.ndarray]:
-        return [np.fromfile(self.paths[i], dtype=np.uint8) for i in indices]
+        out = []
+        for i in indices:
+            try:
+                out.append(np.fromfile(self.paths[i], dtype=np.uint8))
+            except OSError as exc:
+                raise DataError(f"cannot read {self.paths[i]} ({exc.strerror or exc}): check the "
+                                "file, or write the split again without it") from None
+        return out
 
     def __call__(self, info):
         epoch, batch = self.position(info)
@@ -63,9 +138,8 @@ class EpochSource:
         if not self.train:
             values = {"encoded": self.read(idx), "labels": labels, "indices": idx}
             return tuple(values[k] for k in self.names)
-        size = self.cfg.data.image_size
-        plan = make_batch_plan(self.cfg.vsm, size, self.seed, epoch, batch, idx, rank=self.rank)
-        values = plan_inputs(plan, size)
+        plan = make_batch_plan(self.vsm, self.image_size, self.seed, epoch, batch, idx, rank=self.rank)
+        values = plan_inputs(plan, self.image_size)
         values.update(encoded=self.read(idx), labels=labels,
                       partner_labels=labels[plan.cutmix_perm], mix_weight=plan.cutmix_weight,
                       indices=idx)

@@ -1,12 +1,13 @@
-"""Device and precision choice; the CUDA decision is a pure function, so it is tested here on CPU."""
+"""The runtime: device and precision choice (the CUDA decision is a pure function, so it is
+tested here on the CPU), autocast, the grad scaler, and the process group's backend."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dali_erkt.config import ConfigError
-from dali_erkt.precision import (autocast_context, choose_precision, make_grad_scaler, precision_for,
-                                 resolve_device)
+from dali_erkt.config import RunConfig
+from dali_erkt.errors import ConfigError
+from dali_erkt.runtime import Runtime, choose_precision, precision_for, resolve_device, resolve_runtime
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -43,7 +44,7 @@ def test_fp16_on_cpu_names_the_alternatives():
     with pytest.raises(ConfigError, match="use bf16 or fp32"):
         choose_precision(torch.device("cpu"), "fp16")
     with pytest.raises(ConfigError, match="use bf16 or fp32"):
-        autocast_context("cpu", "fp16")
+        resolve_runtime(RunConfig(device="cpu", precision="fp16"))
 
 
 def test_choose_precision_on_cpu():
@@ -66,17 +67,29 @@ def test_cuda_request_without_cuda(name):
     assert "\n" not in str(err.value) and "CUDA is not available" in str(err.value)
 
 
-def test_autocast_context_and_scaler_on_cpu():
+def test_autocast_and_scaler_on_cpu():
     a = torch.randn(4, 4)
-    with autocast_context("cpu", "fp32"):
+    fp32 = resolve_runtime(RunConfig(device="cpu"))
+    bf16 = resolve_runtime(RunConfig(device="cpu", precision="bf16"))
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    with fp32.autocast():
         assert (a @ a).dtype == torch.float32
-    with autocast_context(torch.device("cpu"), "bf16"):
+    with bf16.autocast():
         assert (a @ a).dtype == torch.bfloat16
-    for precision in ("fp32", "bf16"):
-        scaler = make_grad_scaler(torch.device("cpu"), precision)
+    # CPU models take fp32 images under either precision (autocast casts them to bf16 itself).
+    assert fp32.input_dtype == bf16.input_dtype == torch.float32
+    for rt in (fp32, bf16):
+        scaler = rt.grad_scaler()
         assert not scaler.is_enabled()
         loss = torch.tensor(3.0)
-        assert scaler.scale(loss) is loss or torch.equal(scaler.scale(loss), loss)
+        assert torch.equal(scaler.scale(loss), loss)
+
+
+def test_runtime_resolves_compile_and_rank():
+    rt = resolve_runtime(RunConfig(device="cpu", compile="auto"))
+    assert rt.compile is False and rt.world == 1 and rt.main  # auto compiles only on CUDA
+    assert resolve_runtime(RunConfig(device="cpu", compile="on")).compile is True
+    assert not resolve_runtime(RunConfig(device="cpu", compile="on")).uses_cuda_graphs
 
 
 @needs_cuda
@@ -86,10 +99,12 @@ def test_on_this_gpu():
     major = torch.cuda.get_device_capability(device)[0]
     want = "bf16" if major >= 8 and torch.cuda.is_bf16_supported() else "fp16"
     assert choose_precision(device) == want
-    assert make_grad_scaler(device, "fp16").is_enabled()
-    assert not make_grad_scaler(device, "bf16").is_enabled()
+    fp16 = Runtime(device, precision="fp16")
+    assert fp16.grad_scaler().is_enabled()
+    assert not Runtime(device, precision="bf16").grad_scaler().is_enabled()
+    assert fp16.input_dtype == torch.float16
     a = torch.randn(8, 8, device=device)
-    with autocast_context(device, "fp16"):
+    with fp16.autocast():
         assert (a @ a).dtype == torch.float16
     with pytest.raises(ConfigError, match="visible"):
         resolve_device(f"cuda:{torch.cuda.device_count()}")

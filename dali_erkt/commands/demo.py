@@ -16,12 +16,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, default_config
-from .data.dataset import make_split, save_split
-from .engine import fit
-from .evaluation import evaluate_model, load_ensemble
-from .io import atomic_write_text
-from .synthetic import make_scenes
+from ..config import Config, default_config
+from ..data.dataset import make_split, save_split
+from ..data.loader import DaliLoader
+from ..engine import Distillation, Supervised, fit
+from ..evaluation import predict, scores, write_report
+from ..io import atomic_write_text
+from ..models import build_ensemble, place
+from ..runtime import resolve_runtime
+from ..synthetic import make_scenes
 
 
 @dataclass
@@ -56,7 +59,7 @@ def demo_config(preset: str, s: DemoSettings, epochs: int, device: str) -> Confi
     cfg.data.num_threads = 2 if device == "cpu" else 4
     cfg.optim.epochs = epochs
     cfg.optim.lr = s.lr
-    cfg.model.teachers, cfg.model.student = s.teachers, s.student
+    cfg.model.teachers, cfg.model.arch = s.teachers, s.student
     cfg.run.device = device
     cfg.run.log_every = 5
     return cfg.validate()
@@ -79,20 +82,27 @@ def run_demo(out_dir, device: str, progress: bool = True, settings: DemoSettings
     save_split(split, out / "split")
 
     teacher_cfg = demo_config("base", s, s.teacher_epochs, device)
+    rt = resolve_runtime(teacher_cfg.run)
     teachers, paths = {}, []
-    for k, arch in enumerate(teacher_cfg.model.teachers):
-        name = arch if teacher_cfg.model.teachers.count(arch) == 1 else f"{arch}-{k}"
+    for k, arch in enumerate(s.teachers):
+        name = arch if s.teachers.count(arch) == 1 else f"{arch}-{k}"
         teacher_cfg.run.seed = k  # distinct initialisations when an arch repeats
-        teachers[name] = fit(teacher_cfg, split, out / "teachers" / name, arch, progress=progress,
-                             kind="teacher")
+        teacher_cfg.model.arch, teacher_cfg.model.teachers, teacher_cfg.model.teacher_weights = arch, (), ()
+        teachers[name] = fit(teacher_cfg, split, out / "teachers" / name, Supervised(), rt,
+                             progress=progress)
         paths.append(out / "teachers" / name / "last.pt")
 
     student_cfg = demo_config("erkt", s, s.student_epochs, device)
-    ensemble = load_ensemble(paths, student_cfg.model.teacher_weights, student_cfg.model.combine,
-                             split.classes)
-    student = fit(student_cfg, split, out / "student", student_cfg.model.student, teacher=ensemble,
-                  progress=progress, kind="student")
-    ens = evaluate_model(ensemble, student_cfg, split, out / "reports", name="ensemble")
+    m = student_cfg.model
+    ensemble = build_ensemble(m.teachers, paths, m.teacher_weights, m.combine, split.classes)
+    student = fit(student_cfg, split, out / "student", Distillation.from_config(ensemble, student_cfg.loss),
+                  rt, progress=progress)
+    loader = DaliLoader.from_config(split.paths("test"), split.labels("test"), student_cfg,
+                                    device=rt.device, train=False)
+    preds, targets = predict(place(ensemble, rt.device, rt.channels_last), loader, rt)
+    loader.close()
+    ens = write_report(scores(preds, targets, len(split.classes)), split.classes, out / "reports",
+                       "ensemble", "test", int(targets.numel()))
 
     report = {
         "student_oa": student["last_oa"], "student_best_oa": student["best_oa"],

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import UNITS, Config
-from .data.dataset import DataError, load_rgb
-from .data.plan import BatchPlan, epoch_order, make_batch_plan, num_batches
+from ..config import UNITS, Config
+from ..data.dataset import load_rgb, scan
+from ..data.loader import DaliLoader
+from ..errors import ConfigError, DataError
+from ..data.plan import BatchPlan, epoch_order, make_batch_plan, num_batches
 
 # --------------------------------------------------------------------------------------------
 # Gate rates
@@ -148,15 +150,13 @@ def augmented_views(paths, labels, cfg: Config, device: str, seed: int, views: i
     are indices into this subset, so a view here is not the one the image gets in full training,
     but each label is replayed from exactly the plan the pipeline ran.
     """
-    from .data.loader import DaliLoader
-
     sub = copy.deepcopy(cfg)
     sub.data.batch_size, sub.data.drop_last = len(paths), True
     sub.data.prefetch = 1
     sub.data.num_threads = max(1, min(cfg.data.num_threads, os.cpu_count() or 1))
     mean = np.asarray(cfg.data.mean, dtype=np.float32)
     std = np.asarray(cfg.data.std, dtype=np.float32)
-    loader = DaliLoader(paths, labels, sub, device=device, train=True, seed=seed)
+    loader = DaliLoader.from_config(paths, labels, sub, device=device, train=True, seed=seed)
     try:
         for epoch in range(views):
             loader.set_epoch(epoch)
@@ -180,8 +180,8 @@ def render_grid(root, samples, classes, cfg: Config, out, rows: int = 6, views: 
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from .data.reference import resize, to_tensor
-    from .io import atomic_write
+    from ..data.reference import resize, to_tensor
+    from ..io import atomic_write
 
     size = cfg.data.image_size
     chosen = pick_rows(samples, rows, seed)
@@ -238,3 +238,29 @@ def stdout_to_stderr():
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def preview(data, *, samples: int, out, rows: int, device: str, seed=None, **options) -> dict:
+    """Gate rates over `samples` samples of the plan and the grid PNG of real DALI views."""
+    import time
+
+    import torch
+
+    from .common import config_from_options
+
+    start = time.perf_counter()
+    cfg = config_from_options("erkt", **options)
+    seed = cfg.run.seed if seed is None else seed
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but CUDA is not available here: use --device cpu or auto")
+    classes, items = scan(data)
+    rates = gate_rates(cfg, len(items), samples, seed)
+    # DALI may log to stdout; keep stdout for our own output (one JSON object with --json).
+    with stdout_to_stderr():
+        grid = render_grid(data, items, classes, cfg, out, rows=rows, seed=seed, device=device)
+    return {"gates": rates["gates"], "samples": rates["samples"], "batches": rates["batches"],
+            "batch_size": rates["batch_size"], "preset": cfg.preset, "seed": seed,
+            "device": device, "grid": str(grid), "seconds": round(time.perf_counter() - start, 2),
+            "_rates": rates}

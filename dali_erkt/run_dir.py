@@ -1,0 +1,67 @@
+"""A run folder and every file in it, owned by one object (as timm's CheckpointSaver owns its run).
+
+    config.yaml    the fully resolved configuration (`--config` it to rerun)
+    log.jsonl      one line per epoch, rewritten whole from the checkpointed history
+    last.pt        everything needed to continue: model, optimizer, scaler, RNG, history, best
+    best.pt        the same at the best test OA so far
+    summary.json   last-epoch OA and best OA, each with its epoch
+
+Every file is written atomically (a temporary file, fsync, rename): a kill at any moment leaves
+the old complete file or the new complete one. Only the main process (rank 0) writes.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import Config, save_config
+from .errors import CheckpointError, ConfigError
+from .io import atomic_write_text
+
+RESUME_KEYS = ("kind", "arch", "classes", "epoch", "model", "optimizer", "scaler", "history",
+               "best", "rng", "config")
+
+
+class RunDir:
+    def __init__(self, path, main: bool = True):
+        self.path = Path(path)
+        self.main = main
+        self.last, self.best = self.path / "last.pt", self.path / "best.pt"
+        self.config, self.log, self.summary = (self.path / "config.yaml", self.path / "log.jsonl",
+                                               self.path / "summary.json")
+
+    def claim(self) -> None:
+        """Refuse a folder that already holds a run (never overwrite results)."""
+        if self.last.exists():
+            raise ConfigError(f"{self.path} already holds a run ({self.last.name}): pass --resume to "
+                              "continue it or choose another --out")
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"--out {self.path} is a file, not a folder: choose another --out")
+
+    def load_last(self) -> dict:
+        """The state to resume from, checked to be a complete run checkpoint."""
+        state = load_checkpoint(self.last)
+        missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise CheckpointError(f"{self.last} is not a dali-erkt run checkpoint (no {missing[0]!r}): "
+                                  "cannot resume")
+        return state
+
+    def write_config(self, cfg: Config) -> None:
+        if self.main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.config)
+
+    def save(self, state: dict, is_best: bool) -> None:
+        """last.pt, then best.pt (the same state) on a new best, then the log."""
+        if not self.main:
+            return
+        save_checkpoint(self.last, state)
+        if is_best:
+            save_checkpoint(self.best, state)
+        atomic_write_text(self.log, "".join(json.dumps(r) + "\n" for r in state["history"]))
+
+    def write_summary(self, summary: dict) -> None:
+        if self.main:
+            atomic_write_text(self.summary, json.dumps(summary, indent=2) + "\n")
