@@ -80,7 +80,7 @@ def cosine_lr(base: float, epoch: int, epochs: int, schedule: str) -> float:
 def make_optimizer(model, lr: float, weight_decay: float, device: torch.device):
     """AdamW; fused (one kernel for all parameters) on CUDA."""
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
-                             fused=device.type == "cuda")
+                             fused=torch.device(device).type == "cuda")
 
 
 def compiled(module, rt: Runtime):
@@ -133,24 +133,24 @@ def _readable(path) -> bool:
 def train_one_epoch(step, loader, task, rt: Runtime, log_every: int, bar) -> tuple[dict, int]:
     """Run `step` over one epoch; the loss parts' means (host floats) and the images seen."""
     sums = torch.zeros(len(task.parts), device=rt.device)  # summed on the device
-    seen = 0
-    for i, batch in enumerate(loader):
+    seen = steps = 0
+    for batch in loader:
         parts = step(batch)
         sums += torch.stack([parts[k].detach().float() for k in task.parts])
         n = batch.labels.shape[0]
-        seen += n
+        seen, steps = seen + n, steps + 1
         bar.update(n)
-        if (i + 1) % log_every == 0:  # the only host read inside the epoch
-            _check_finite(sums, i)
-            bar.set_postfix(loss=f"{sums[0].item() / (i + 1):.4f}")
-    _check_finite(sums, len(loader) - 1)
-    means = all_reduce_mean(rt, sums / max(len(loader), 1)).tolist()
+        if steps % log_every == 0:  # the only host read inside the epoch
+            _check_finite(sums, steps)
+            bar.set_postfix(loss=f"{sums[0].item() / steps:.4f}")
+    _check_finite(sums, steps)
+    means = all_reduce_mean(rt, sums / max(steps, 1)).tolist()
     return dict(zip(task.parts, means)), seen * rt.world
 
 
-def _check_finite(sums: torch.Tensor, step: int) -> None:
+def _check_finite(sums: torch.Tensor, steps: int) -> None:
     if not torch.isfinite(sums).all().item():
-        raise TrainingError(f"the loss became NaN or infinite at step {step + 1}")
+        raise TrainingError(f"the loss became NaN or infinite by step {steps}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -164,3 +164,10 @@ def all_reduce_mean(rt: Runtime, t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
     torch_dist.all_reduce(t)
     return t / rt.world
+
+
+def close_process_group() -> None:
+    """End this process's group (torchrun), if one was started."""
+    import torch.distributed as torch_dist
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()

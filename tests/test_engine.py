@@ -134,7 +134,7 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(split, tmp_path, monkey
         return loss * float("nan") if calls["n"] > steps_per_epoch else loss  # from epoch 2 on
 
     monkeypatch.setattr(engine, "cutmix_cross_entropy", poisoned)
-    with pytest.raises(TrainingError, match=r"NaN or infinite at step \d+ of epoch 2.*last good checkpoint"):
+    with pytest.raises(TrainingError, match=r"NaN or infinite by step \d+ of epoch 2.*last good checkpoint"):
         fit_teacher(cfg, split, tmp_path / "run")
     state = load_checkpoint(tmp_path / "run" / "last.pt")
     assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values()
@@ -273,3 +273,82 @@ def test_cli_resume_reads_the_runs_own_config(split, tmp_path):
     assert saved["data"]["image_size"] == SIZE and saved["vsm"]["grayscale"]["p"] == 0.3
     assert saved["optim"]["epochs"] == 2
     assert load_checkpoint(out / "last.pt")["epoch"] == 1
+
+
+# ---- the runtime's variants on the CPU ---------------------------------------------------------
+
+def _two_steps(rt, split):
+    """Two supervised steps from one initialisation on one fixed batch; the loss parts."""
+    from dali_erkt.data.loader import DaliLoader
+    from dali_erkt.models import create_model, place
+
+    torch.manual_seed(0)
+    model = place(create_model(ARCH, len(split.classes)), rt.device, rt.channels_last)
+    opt = engine.make_optimizer(model, 1e-3, 0.0, rt.device)
+    step = engine.make_train_step(engine.compiled(model, rt), Supervised(), opt, rt.grad_scaler(), rt)
+    with DaliLoader(split.paths("train"), split.labels("train"), image_size=SIZE, batch_size=8,
+                    device="cpu", dtype="float32", num_threads=1, seed=0) as loader:
+        batch = next(iter(loader))
+    return [step(batch)["loss"].item() for _ in range(2)]
+
+
+@pytest.mark.slow
+def test_compiled_step_on_the_cpu_matches_eager(split):
+    """run.compile=on works on the CPU (inductor's C++ backend) and computes the eager step."""
+    from dali_erkt.config import RunConfig
+
+    eager = _two_steps(resolve_runtime(RunConfig(device="cpu", compile="off")), split)
+    compiled = _two_steps(resolve_runtime(RunConfig(device="cpu", compile="on", compile_mode="default")),
+                          split)
+    assert eager[1] < eager[0]  # it learns on the repeated batch
+    assert compiled == pytest.approx(eager, rel=1e-4)  # fused kernels reorder float sums only
+
+
+def test_bf16_on_the_cpu_and_evaluation_every_other_epoch(split, tmp_path):
+    cfg = tiny_config("base", epochs=3)
+    cfg.run.precision, cfg.run.eval_every = "bf16", 2
+    s = fit_teacher(cfg, split, tmp_path / "run")
+    assert s["precision"] == "bf16" and s["epochs"] == 3
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert ["oa" in r for r in log] == [False, True, True]  # epoch 2, and the last one
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    assert s["last_epoch"] == 3 and s["best_epoch"] in (2, 3)
+
+
+def test_weights_are_reported_recorded_and_rerun(split, tmp_path):
+    """--weights: one line of what loaded; config.yaml records path and hash; a rerun from that
+    config.yaml starts from the same bytes, and a changed file is refused."""
+    from dali_erkt.models import create_model
+
+    backbone = create_model(ARCH, 10)  # another class count: the classifier stays at its init
+    weights = tmp_path / "backbone.pth"
+    torch.save(backbone.state_dict(), weights)
+    split_dir = save_split(split, tmp_path / "split")
+    args = ["train-teacher", "--split", str(split_dir), "--arch", ARCH, "--image-size", str(SIZE),
+            "--batch-size", "12", "--device", "cpu", "--epochs", "1", "--no-progress"]
+    r = CliRunner().invoke(main, args + ["--out", str(tmp_path / "a"), "--weights", str(weights)])
+    assert r.exit_code == 0, r.output
+    n = len(backbone.state_dict()) - 2
+    assert f"weights: {n} tensors loaded from {weights}; left at initialisation: fc.weight, fc.bias" in r.stderr
+    saved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert saved["model"]["arch"] == ARCH and saved["model"]["teachers"] == []
+    assert saved["model"]["weights"] == str(weights) and len(saved["model"]["weights_sha256"]) == 64
+    # A rerun from the run's config.yaml loads the same file again ...
+    r = CliRunner().invoke(main, args + ["--out", str(tmp_path / "b"), "--config", str(tmp_path / "a" / "config.yaml")])
+    assert r.exit_code == 0 and f"{n} tensors loaded from {weights}" in r.stderr, r.output
+    # ... and refuses it once it has changed.
+    torch.manual_seed(1)  # other bytes than the first backbone, whatever the RNG's state was
+    torch.save(create_model(ARCH, 10).state_dict(), weights)
+    r = CliRunner().invoke(main, args + ["--out", str(tmp_path / "c"), "--config", str(tmp_path / "a" / "config.yaml")])
+    assert r.exit_code == 2 and "changed since this configuration recorded it" in r.stderr, r.output
+
+
+def test_no_progress_keeps_one_line_per_epoch(split, tmp_path):
+    split_dir = save_split(split, tmp_path / "split")
+    r = CliRunner().invoke(main, ["train-teacher", "--split", str(split_dir), "--arch", ARCH, "--out",
+                                  str(tmp_path / "t"), "--image-size", str(SIZE), "--batch-size", "12",
+                                  "--device", "cpu", "--epochs", "2", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith(f"teacher {ARCH} epoch")]
+    assert [ln.split()[3] for ln in lines] == ["1/2", "2/2"] and all("oa" in ln for ln in lines)
+    assert json.loads(r.stdout)["epochs"] == 2  # stdout: the result alone

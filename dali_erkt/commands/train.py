@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..data.dataset import load_split
 from ..engine import Distillation, Supervised, fit
 from ..models import build_ensemble
-from ..runtime import resolve_runtime
+from ..runtime import close_process_group, resolve_runtime
 from .common import config_from_options, resume_base, teacher_paths, weights_flags
 
 
@@ -18,8 +18,11 @@ def train_teacher(split_dir, arch, out_dir, *, weights=None, pretrained=False, r
                               extra_flags=flags, **options)
     split = load_split(split_dir)
     rt = resolve_runtime(cfg.run)
-    return fit(cfg, split, out_dir, Supervised(), rt, resume=resume, allow_changes=allow_changes,
-               progress=progress)
+    try:
+        return fit(cfg, split, out_dir, Supervised(), rt, resume=resume, allow_changes=allow_changes,
+                   progress=progress)
+    finally:
+        close_process_group()
 
 
 def distill(split_dir, out_dir, *, teacher_dir=None, teachers=(), weights=None, pretrained=False,
@@ -32,5 +35,8 @@ def distill(split_dir, out_dir, *, teacher_dir=None, teachers=(), weights=None, 
     paths = teacher_paths(m.teachers, teacher_dir, teachers)
     ensemble = build_ensemble(m.teachers, paths, m.teacher_weights, m.combine, split.classes)
     rt = resolve_runtime(cfg.run)
-    return fit(cfg, split, out_dir, Distillation.from_config(ensemble, cfg.loss), rt, resume=resume,
-               allow_changes=allow_changes, progress=progress)
+    try:
+        return fit(cfg, split, out_dir, Distillation.from_config(ensemble, cfg.loss), rt,
+                   resume=resume, allow_changes=allow_changes, progress=progress)
+    finally:
+        close_process_group()

@@ -119,12 +119,20 @@ def _external(source, names):
     return dict(zip(names, nodes))
 
 
+def _to_gpu(node):
+    return node.gpu()
+
+
+def _as_is(node):
+    return node
+
+
 def train_pipeline(source, names, *, vsm: VSMConfig, image_size: int, mean, std, dtype: str,
                    normalize: bool, device_id: int | None, batch_size: int, num_threads: int,
                    prefetch: int):
     """The augmenting pipeline; `device_id=None` builds the CPU variant."""
     gpu = device_id is not None
-    to_device = (lambda n: n.gpu()) if gpu else (lambda n: n)
+    to_device = _to_gpu if gpu else _as_is
 
     @pipeline_def(enable_conditionals=True, batch_size=batch_size, num_threads=num_threads,
                   device_id=device_id, prefetch_queue_depth=prefetch, exec_dynamic=True)
@@ -141,7 +149,7 @@ def eval_pipeline(source, names, *, image_size: int, mean, std, dtype: str, norm
                   device_id: int | None, batch_size: int, num_threads: int, prefetch: int):
     """Decode, resize and normalise only."""
     gpu = device_id is not None
-    to_device = (lambda n: n.gpu()) if gpu else (lambda n: n)
+    to_device = _to_gpu if gpu else _as_is
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   prefetch_queue_depth=prefetch, exec_dynamic=True)
