@@ -66,7 +66,7 @@ def test_every_figure_present_numbers_or_null_with_note(run):
         assert all(res["memory"][k] is None for k in MEMORY) and notes.get("memory")
         assert res["kernels.dist"]["torch_ms"] is None  # CUDA events only
         assert all(v is None for v in res["targets"].values())  # GPU claims: not judged on a CPU
-        assert res["compile_seconds"] == {"distill_step": None}
+        assert res["compile_seconds"] == {"distill_step": None, "teacher": None}
 
 
 def test_table_formats_a_report(run):
@@ -92,6 +92,39 @@ def test_batch_list_parsing():
     for bad in ("0", "x", ""):
         with pytest.raises(SystemExit):
             mod.parse_batches(bad)
+
+
+TINY = ["--device", "cpu", "--json", "--batch", "2", "--iters", "1", "--warmup", "0",
+        "--image-size", "32", "--workers", "0", "--set", "model.teachers=[resnet10t]",
+        "--set", "model.teacher_weights=[1]", "--set", "model.arch=resnet10t"]
+
+
+def test_only_measures_just_the_named_figures():
+    only = ("loader.dali_cpu", "loader.torchvision")
+    proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--only", ",".join(only)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["meta"]["only"] == list(only) and report["notes"].get("only")
+    res = report["results"]["2"]
+    for name in FIGURES:
+        fig = res["figures"].get(name)
+        if name in only:
+            assert fig is not None, f"{name}: {report['notes'].get(name)}"
+            assert fig["images_per_s"] > 0 and fig["images"] >= 2 and fig["seconds"] > 0
+        else:  # not run: absent, or null with a note
+            assert fig is None and (name not in res["figures"] or report["notes"].get(name)), name
+    assert all(v is None for v in res["ratios"].values()) and res["kernels.dist"] is None
+    text = _module().table(report)
+    assert "loader: DALI, CPU only" in text and "distill: paper-style loop" not in text
+
+
+def test_unknown_only_name_is_a_one_line_error():
+    proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--only", "loader.dali_cpu,nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and "nope" in lines[0], proc.stderr
 
 
 def test_bad_device_is_a_one_line_error():
