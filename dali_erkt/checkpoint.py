@@ -7,6 +7,7 @@ dicts with a "model" state dict and an "arch" name; bare state dicts and `.safet
 from __future__ import annotations
 
 import collections
+import io
 import pickle
 import re
 from pathlib import Path
@@ -43,7 +44,17 @@ def _check_plain(value, where: str, path) -> None:
 def save_checkpoint(path, state: dict) -> None:
     """Write `state` with torch.save; the file is either the old one or the complete new one."""
     _check_plain(state, "state", path)
-    atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+
+    # Serialised in memory, then written by plain file I/O: a full disk then raises the OSError
+    # that names it (torch's own writer reports it as an opaque RuntimeError).
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(buffer.getbuffer())
+
+    atomic_write(Path(path), write)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -56,9 +67,11 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if found:
-            raise CheckpointError(f"checkpoint {path} needs code to load ({found.group(1)}): "
-                                  f"{_PLAIN}") from None
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file: {_PLAIN}") from None
+            raise CheckpointError(f"checkpoint {path} needs code to load ({found.group(1)}), so it "
+                                  f"was not loaded: {_PLAIN}") from None
+        raise CheckpointError(f"checkpoint {path} is not a torch checkpoint of plain data (a pickle "
+                              f"that may need code to load, or a corrupt file): not loaded; "
+                              f"{_PLAIN}") from None
     except PermissionError:
         raise CheckpointError(f"checkpoint {path} cannot be read: permission denied") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:

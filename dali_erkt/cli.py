@@ -98,9 +98,11 @@ teacher_options = options(
 @one_line_errors
 def split_cmd(data, train_ratio, seed, out_dir, no_stratify, skip_check, workers):
     """Draw a reproducible train/test split of the image folder DATA and save it as file lists."""
-    from .commands.data import split
+    from .commands.data import skipped_line, split
     r = split(data, train_ratio, out_dir, seed=seed, stratify=not no_stratify,
               skip_check=skip_check, workers=workers)
+    if skipped_line(r["skipped"]):
+        click.echo(skipped_line(r["skipped"]), err=True)
     click.echo(f"split: {r['classes']} classes, {r['train']} train / {r['test']} test images "
                f"(ratio {train_ratio}, seed {seed}, "
                f"{'stratified' if r['stratified'] else 'not stratified'}) written to {r['out']}")
@@ -114,8 +116,10 @@ def split_cmd(data, train_ratio, seed, out_dir, no_stratify, skip_check, workers
 @one_line_errors
 def check_data_cmd(data, as_json, workers):
     """Decode every image under DATA; list the unreadable ones (exit 1 if there are any)."""
-    from .commands.data import check_data
+    from .commands.data import check_data, skipped_line
     r = check_data(data, workers)
+    if skipped_line(r["skipped"]):
+        click.echo(skipped_line(r["skipped"]), err=True)
     if as_json:
         click.echo(json.dumps(r))
     else:
@@ -222,6 +226,8 @@ def preview_cmd(data, as_json, **kwargs):
     from .commands.preview import format_rates, preview
     report = preview(data, **kwargs)
     rates = report.pop("_rates")
+    for bad in report["unreadable"]:
+        click.echo(f"left out of the grid: {bad['path']}: {bad['reason']}", err=True)
     if as_json:
         click.echo(json.dumps(report))
         return

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_weights
+from .checkpoint import load_state, load_weights
 from .config import Config, differences, to_dict
 from .data.dataset import Split
 from .data.loader import DaliLoader
@@ -169,14 +169,15 @@ class Setup:
     test_loader: DaliLoader
 
 
-def setup(cfg: Config, split: Split, task, rt: Runtime, state: dict | None, log) -> Setup:
+def setup(cfg: Config, split: Split, task, rt: Runtime, state: dict | None, log,
+          state_path="last.pt") -> Setup:
     """Set-up phase: the model (fresh or from `state`), optimizer, scaler, loaders, the step."""
     num_classes = len(split.classes)
     if state is None:
         model = initial_model(cfg, num_classes, rt, log)
     else:
         model = create_model(cfg.model.arch, num_classes)
-        model.load_state_dict(state["model"])
+        load_state(model, state["model"], state_path)
     model = place(model, rt.device, rt.channels_last)
     teacher = None
     if isinstance(task, Distillation):
@@ -218,10 +219,16 @@ def fit(cfg: Config, split: Split, out_dir, task, rt: Runtime, resume: bool = Fa
         allow_changes: bool = False, progress: bool = True) -> dict:
     """Train cfg.model.arch on `split` for cfg.optim.epochs with `task`; return the summary."""
     run, log = RunDir(out_dir, rt.main), _logger(rt)
-    state = run.load_last() if resume else run.claim()
+    state = run.open(resume, log)
     if state is not None:
         _check_resumable(state, cfg, task, split.classes, run, allow_changes, log)
-    s = setup(cfg, split, task, rt, state, log)
+        if state["epoch"] + 1 >= cfg.optim.epochs:  # killed after its last epoch: complete it
+            summary = _summary(task.kind, cfg.model.arch, split.classes, state["history"],
+                               state["best"], rt, sum(r["train_seconds"] for r in state["history"]))
+            run.write_log(state["history"])
+            run.write_summary(summary)
+            return summary
+    s = setup(cfg, split, task, rt, state, log, run.last)
     run.write_config(cfg)
     start, history, best = (0, [], {"oa": -1.0, "epoch": -1}) if state is None else \
         (state["epoch"] + 1, state["history"], state["best"])
@@ -324,7 +331,7 @@ def _check_resumable(state: dict, cfg: Config, task, classes, run: RunDir, allow
         raise CheckpointError(f"{run.last} is a run of {state['arch']}, not {cfg.model.arch}: cannot resume it")
     if list(state["classes"]) != list(classes):
         raise CheckpointError(f"{run.last} was trained on other classes than this split: cannot resume")
-    if state["epoch"] + 1 >= cfg.optim.epochs:
+    if state["epoch"] + 1 >= cfg.optim.epochs and run.summary.exists():
         raise CheckpointError(f"{run.last} has finished all {cfg.optim.epochs} epochs: nothing to resume "
                               "(raise optim.epochs and pass --allow-changes to train longer)")
 

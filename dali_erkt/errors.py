@@ -25,3 +25,8 @@ class CheckpointError(ErktError, ValueError):
 class TrainingError(ErktError, RuntimeError):
     """A run cannot go on (diverged, out of memory)."""
     exit_code = 3
+
+
+class WriteError(ErktError, OSError):
+    """A result could not be written (full disk, read-only folder); nothing half-written is left."""
+    exit_code = 3

@@ -1,4 +1,11 @@
-"""Atomic file writes: a result is either the old file or the complete new one, never half."""
+"""Atomic, durable file writes: a result is either the old file or the complete new one, never
+half of one, at whatever moment the process is killed.
+
+A write goes to a temporary file beside the target (named `.<name>.<random>.tmp`), is flushed
+to disk, renamed over the target, and the folder is synced so the rename itself survives a
+crash. Files get the mode the user's umask gives (not mkstemp's 0600). A write that fails (a full
+disk, a read-only folder) leaves no temporary file and raises one `WriteError` line.
+"""
 from __future__ import annotations
 
 import os
@@ -6,22 +13,47 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from .errors import WriteError
+
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _sync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)` on a temporary file beside `path`, fsync it, then rename it over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
+        os.close(fd)
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        tmp = None
+        _sync_dir(path.parent)
+    except OSError as exc:
+        why = exc.strerror or str(exc).splitlines()[0]
+        raise WriteError(f"cannot write {path}: {why}; free some space, or choose a writable "
+                         "--out") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -29,6 +61,18 @@ def atomic_write_text(path: Path, text: str) -> None:
         with open(tmp, "w") as fh:
             fh.write(text)
     atomic_write(path, write)
+
+
+def remove_stale_temporaries(folder: Path) -> list[str]:
+    """Delete the temporary files a killed writer left in `folder`; return their names."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX)
+             and p.is_file()]
+    for p in stale:
+        p.unlink()
+    return [p.name for p in stale]
 
 
 def file_sha256(path) -> str:

@@ -38,6 +38,9 @@ def load_trained(path, classes: Sequence[str] | None = None, arch: str | None = 
 
     `classes` and `arch`, where given, must match what the checkpoint records.
     """
+    if str(path).endswith(".safetensors"):
+        raise CheckpointError(f"{path} holds weights only (no architecture or classes): pass it to "
+                              "--weights to start a run from it; evaluate a run's last.pt or best.pt")
     state = load_checkpoint(path)
     if not isinstance(state, dict) or not isinstance(state.get("arch"), str) \
             or not isinstance(state.get("model"), dict):

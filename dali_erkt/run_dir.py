@@ -7,7 +7,10 @@
     summary.json   last-epoch OA and best OA, each with its epoch
 
 Every file is written atomically (a temporary file, fsync, rename): a kill at any moment leaves
-the old complete file or the new complete one. Only the main process (rank 0) writes.
+the old complete file or the new complete one. Checkpoints are written best.pt first, then
+last.pt, then the log: a kill between them leaves last.pt one epoch behind, and the resumed run
+redoes that epoch exactly (and writes best.pt again), so no state is ever lost. Temporary files a
+kill left behind are removed when the folder is opened. Only the main process (rank 0) writes.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from pathlib import Path
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, save_config
 from .errors import CheckpointError, ConfigError
-from .io import atomic_write_text
+from .io import atomic_write_text, remove_stale_temporaries
 
 RESUME_KEYS = ("kind", "arch", "classes", "epoch", "model", "optimizer", "scaler", "history",
                "best", "rng", "config")
@@ -31,13 +34,22 @@ class RunDir:
         self.config, self.log, self.summary = (self.path / "config.yaml", self.path / "log.jsonl",
                                                self.path / "summary.json")
 
-    def claim(self) -> None:
-        """Refuse a folder that already holds a run (never overwrite results)."""
+    def open(self, resume: bool, log) -> dict | None:
+        """The state to resume from, or None for a new run. A new run refuses a folder that
+        already holds one (never overwrite results); --resume of a run killed before its first
+        checkpoint starts it."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"--out {self.path} is a file, not a folder: choose another --out")
+        if self.main:
+            remove_stale_temporaries(self.path)
+        if resume and self.last.exists():
+            return self.load_last()
         if self.last.exists():
             raise ConfigError(f"{self.path} already holds a run ({self.last.name}): pass --resume to "
                               "continue it or choose another --out")
-        if self.path.exists() and not self.path.is_dir():
-            raise ConfigError(f"--out {self.path} is a file, not a folder: choose another --out")
+        if resume:
+            log(f"resume: {self.path} holds no checkpoint yet: starting the run")
+        return None
 
     def load_last(self) -> dict:
         """The state to resume from, checked to be a complete run checkpoint."""
@@ -50,17 +62,21 @@ class RunDir:
 
     def write_config(self, cfg: Config) -> None:
         if self.main:
-            self.path.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.config)
+            save_config(cfg, self.config)  # creates the folder
 
     def save(self, state: dict, is_best: bool) -> None:
-        """last.pt, then best.pt (the same state) on a new best, then the log."""
+        """best.pt (on a new best), then last.pt (the same state), then the log."""
         if not self.main:
             return
-        save_checkpoint(self.last, state)
         if is_best:
             save_checkpoint(self.best, state)
-        atomic_write_text(self.log, "".join(json.dumps(r) + "\n" for r in state["history"]))
+        save_checkpoint(self.last, state)
+        self.write_log(state["history"])
+
+    def write_log(self, history: list) -> None:
+        """log.jsonl, rewritten whole from the checkpointed history (no duplicates after a resume)."""
+        if self.main:
+            atomic_write_text(self.log, "".join(json.dumps(r) + "\n" for r in history))
 
     def write_summary(self, summary: dict) -> None:
         if self.main:

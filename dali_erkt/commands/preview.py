@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import UNITS, Config
-from ..data.dataset import load_rgb, scan
+from ..data.dataset import load_rgb, scan, why_unreadable
 from ..data.loader import DaliLoader
 from ..errors import ConfigError, DataError
 from ..data.plan import BatchPlan, epoch_order, make_batch_plan, num_batches
@@ -257,10 +257,28 @@ def preview(data, *, samples: int, out, rows: int, device: str, seed=None, **opt
         raise ConfigError("--device cuda but CUDA is not available here: use --device cpu or auto")
     classes, items = scan(data)
     rates = gate_rates(cfg, len(items), samples, seed)
+    shown, unreadable = readable_rows(data, items, rows, seed)
     # DALI may log to stdout; keep stdout for our own output (one JSON object with --json).
     with stdout_to_stderr():
-        grid = render_grid(data, items, classes, cfg, out, rows=rows, seed=seed, device=device)
+        grid = render_grid(data, shown, classes, cfg, out, rows=len(shown), seed=seed, device=device)
     return {"gates": rates["gates"], "samples": rates["samples"], "batches": rates["batches"],
             "batch_size": rates["batch_size"], "preset": cfg.preset, "seed": seed,
-            "device": device, "grid": str(grid), "seconds": round(time.perf_counter() - start, 2),
-            "_rates": rates}
+            "device": device, "grid": str(grid), "unreadable": unreadable,
+            "seconds": round(time.perf_counter() - start, 2), "_rates": rates}
+
+
+def readable_rows(root, items, rows: int, seed: int):
+    """Up to `rows` samples for the grid, from different classes, that decode; and the
+    unreadable files met on the way (left out, as `check-data` would list them)."""
+    shown, unreadable = [], []
+    for i in pick_rows(items, len(items), seed):
+        reason = why_unreadable(os.path.join(root, items[i][0]))
+        if reason is None:
+            shown.append(items[i])
+        else:
+            unreadable.append({"path": items[i][0], "reason": reason})
+        if len(shown) == rows:
+            break
+    if not shown:
+        raise DataError(f"no image under {root} decodes: run `dali-erkt check-data {root}`")
+    return shown, unreadable

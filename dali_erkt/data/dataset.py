@@ -21,7 +21,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from ..errors import DataError
 from ..io import atomic_write_text
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+# What DALI and Pillow both decode. Other files are skipped, and `scan_tree` says which.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 PARTS = ("train", "test")
 
 
@@ -33,12 +34,21 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def scan(root) -> tuple[list[str], list[tuple[str, int]]]:
-    """Return (classes, samples) of an ImageFolder-style tree.
+@dataclass
+class Tree:
+    classes: list[str]
+    samples: list[tuple[str, int]]  # (path relative to the root, POSIX form; class index)
+    skipped: list[str]  # files that are not images by their name (relative paths)
+
+
+def scan_tree(root) -> Tree:
+    """The classes and images of an ImageFolder-style tree, and the files skipped.
 
     Classes are the sorted names of the non-hidden sub-folders; samples are (path relative to
-    `root` in POSIX form, class index), class by class, sorted within each class. Images in
-    nested folders below a class folder belong to that class, as in torchvision.
+    `root`, class index), class by class, sorted within each class. Images in nested folders
+    below a class folder belong to that class, as in torchvision; folder links are followed, but a
+    link back into its own folder (a loop) or a file reached twice is refused, so every real
+    file counts once, in one class.
     """
     root = Path(root)
     if not root.exists():
@@ -50,13 +60,25 @@ def scan(root) -> tuple[list[str], list[tuple[str, int]]]:
         raise DataError(f"{root} has no class folders; expected one sub-folder of images per class")
 
     samples: list[tuple[str, int]] = []
+    skipped: list[str] = []
+    seen: dict[str, str] = {}  # real path of each file -> where it was first found
     empty: list[str] = []
     for label, name in enumerate(classes):
         found = []
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # prune hidden folders
+        for dirpath, dirnames, filenames in _walk(root, root / name):
             rel_dir = Path(dirpath).relative_to(root)
-            found += [(rel_dir / f).as_posix() for f in filenames if _is_image(f)]
+            for f in filenames:
+                rel = (rel_dir / f).as_posix()
+                if not _is_image(f):
+                    if not f.startswith("."):
+                        skipped.append(rel)
+                    continue
+                real = os.path.realpath(os.path.join(dirpath, f))
+                if real in seen:
+                    raise DataError(f"{rel} and {seen[real]} are the same file (a link): each image "
+                                    "must appear once, in one class; remove one of them")
+                seen[real] = rel
+                found.append(rel)
         if not found:
             empty.append(name)
         samples += [(p, label) for p in sorted(found)]
@@ -67,7 +89,30 @@ def scan(root) -> tuple[list[str], list[tuple[str, int]]]:
         raise DataError(f"class folder {empty[0]!r} in {root} has no images ({exts})"
                         f"{f' (and {len(empty) - 1} more)' if len(empty) > 1 else ''}; "
                         "add images or remove the folder")
-    return classes, samples
+    if len(classes) < 2:
+        raise DataError(f"{root} has one class folder ({classes[0]}): classification needs at least "
+                        "two; add a folder of images per class")
+    return Tree(classes, samples, sorted(skipped))
+
+
+def _walk(root: Path, top: Path):
+    """os.walk following folder links, refusing a link that leads back into its own path."""
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        here = os.path.realpath(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # prune hidden folders
+        for d in dirnames:
+            target = os.path.realpath(os.path.join(dirpath, d))
+            if here == target or here.startswith(target + os.sep):
+                rel = (Path(dirpath).relative_to(root) / d).as_posix()
+                raise DataError(f"{rel} links back to {target}, a folder that contains it: a loop; "
+                                "remove the link")
+        yield dirpath, dirnames, filenames
+
+
+def scan(root) -> tuple[list[str], list[tuple[str, int]]]:
+    """(classes, samples) of an ImageFolder-style tree; see `scan_tree`."""
+    tree = scan_tree(root)
+    return tree.classes, tree.samples
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,6 +182,15 @@ def make_split(root, train_ratio: float, seed: int = 0, stratify: bool = True,
         in_train[np.asarray(idx)[chosen]] = True
     train = [s for s, t in zip(samples, in_train) if t]
     test = [s for s, t in zip(samples, in_train) if not t]
+    for part, items in (("training", train), ("test", test)):
+        missing = sorted(set(range(len(classes))) - {y for _, y in items})
+        if missing:
+            n = sum(1 for _, y in samples if y == missing[0])
+            raise DataError(f"the split leaves class {classes[missing[0]]!r} ({n} image"
+                            f"{'s' if n != 1 else ''}) with no {part} image"
+                            f"{f' (and {len(missing) - 1} more classes)' if len(missing) > 1 else ''}: "
+                            "add images to it, or change --train-ratio" +
+                            ("" if stratify else " or drop --no-stratify"))
     return Split(root, classes, train, test, float(train_ratio), int(seed), bool(stratify))
 
 
@@ -228,7 +282,8 @@ def load_rgb(path) -> np.ndarray:
         return _to_rgb(im)
 
 
-def _why_unreadable(path: str) -> str | None:
+def why_unreadable(path: str) -> str | None:
+    """Why Pillow cannot decode `path` fully, or None where it can."""
     try:
         if os.path.getsize(path) == 0:
             return "empty file (0 bytes)"
@@ -253,7 +308,7 @@ def check_files(root, rel_paths: Iterable[str], workers: int = 2) -> list[tuple[
     try:
         # Threads suffice: Pillow's decoders release the GIL.
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            reasons = list(pool.map(lambda p: _why_unreadable(os.path.join(root, p)), rel_paths))
+            reasons = list(pool.map(lambda p: why_unreadable(os.path.join(root, p)), rel_paths))
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
     return [(p, r) for p, r in zip(rel_paths, reasons) if r is not None]

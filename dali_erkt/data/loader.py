@@ -25,6 +25,7 @@ import torch
 
 from ..config import VSMConfig, vsm_preset
 from ..errors import DataError
+from .dataset import why_unreadable
 from .pipeline import EVAL_OUTPUTS, OUTPUTS, eval_pipeline, train_pipeline
 from .source import EpochSource
 
@@ -179,8 +180,11 @@ class DaliLoader:
             pipe, names = train_pipeline(self.source, self.source.names, vsm=self.vsm, **s), OUTPUTS
         else:
             pipe, names = eval_pipeline(self.source, self.source.names, **s), EVAL_OUTPUTS
-        self._iterator = DALIGenericIterator(pipe, list(names), auto_reset=True,
-                                             last_batch_policy=LastBatchPolicy.PARTIAL)
+        try:  # the iterator runs the first batches at once (prefetch)
+            self._iterator = DALIGenericIterator(pipe, list(names), auto_reset=True,
+                                                 last_batch_policy=LastBatchPolicy.PARTIAL)
+        except RuntimeError as exc:
+            self._data_error(exc)
 
     def __iter__(self):
         if not self._exact:  # the last epoch was abandoned part-way: go on with the next one
@@ -192,13 +196,34 @@ class DaliLoader:
         return self._batches(epoch, start)
 
     def _batches(self, epoch: int, start: int):
-        for k, out in enumerate(self._iterator):
+        k = 0
+        while True:
+            try:
+                out = next(self._iterator)
+            except StopIteration:
+                break
+            except RuntimeError as exc:  # DALI's decoders stop the pipeline on a bad file
+                self._data_error(exc)
             # Handed out: a later iter() without set_epoch() starts the next epoch.
-            self._batch, self._exact = start + k + 1, False
+            k += 1
+            self._batch, self._exact = start + k, False
             yield self._wrap(out[0])
         # Complete: the iterator has reset and the pipeline continues with the next epoch.
         self._epoch, self._batch, self._exact = epoch + 1, 0, True
         self._next = (epoch + 1, 0)
+
+    def _data_error(self, exc: Exception):
+        """Name the file that stopped the pipeline: the recent batches' files, checked again."""
+        recent = [p for batch in self.source.recent for p in batch]
+        self.close()
+        for path in recent:
+            reason = why_unreadable(path)
+            if reason is not None:
+                raise DataError(f"{path}: {reason}; it was readable when the split was written: "
+                                "replace or remove it and write the split again") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise DataError(f"the DALI pipeline stopped ({first}) on one of {len(recent)} files read "
+                        f"last ({', '.join(recent[:2])}, ...): run `dali-erkt check-data`") from None
 
     def _wrap(self, d: dict):
         images = d["images"].permute(0, 3, 1, 2)  # NHWC memory = channels-last NCHW, no copy

@@ -9,6 +9,8 @@ The source also says which values it yields (`names`): the pipeline builds its g
 """
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 
 from ..config import VSMConfig
@@ -97,6 +99,7 @@ class EpochSource:
         self.start_epoch, self.start_batch = 0, 0
         self._cached = (None, None)
         self.names = train_inputs(vsm) if train else EVAL_INPUTS
+        self.recent: deque = deque(maxlen=8)  # the last batches' file paths (to name a bad file)
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -120,6 +123,7 @@ class EpochSource:
         return epoch, batch
 
     def read(self, indices: np.ndarray) -> list[np.ndarray]:
+        self.recent.append([self.paths[i] for i in indices])
         out = []
         for i in indices:
             try:

@@ -1,0 +1,402 @@
+"""The fault suite: what a new user meets when things go wrong, from the command line.
+
+For each fault: a non-zero exit, one `error:` line naming the cause and no traceback; the run
+folder consistent (every checkpoint in it loads, no temporary file left); and after a kill, the
+resumed run equal to an uninterrupted one. Kills are real (`kill -9` of a `dali-erkt` process at
+random moments) and placed (a worker that ends its own process with `os._exit` at a chosen point
+of a checkpoint write, which is what a kill there leaves behind).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dali_erkt.checkpoint import load_checkpoint, save_checkpoint
+from dali_erkt.cli import main
+from dali_erkt.synthetic import make_scenes
+
+SIZE, ARCH, EPOCHS = 32, "resnet10t", 3
+BIN = Path(sys.executable).parent / "dali-erkt"
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_error_line(r, *words, code=2):
+    """Exit status `code`, exactly one `error:` line that contains `words`, no traceback."""
+    err = r.stderr if hasattr(r, "stderr") else r
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert getattr(r, "exit_code", None) == code or getattr(r, "returncode", None) == code, err[-2000:]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def consistent(run: Path):
+    """Every checkpoint loads, no temporary file is left, summary and log agree with last.pt."""
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    state = load_checkpoint(run / "last.pt") if (run / "last.pt").exists() else None
+    for name in ("last.pt", "best.pt"):
+        if (run / name).exists():
+            ck = load_checkpoint(run / name)
+            assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    if (run / "summary.json").exists():
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["epochs"] == len(state["history"])
+        if summary["best_epoch"] > 0:
+            assert load_checkpoint(run / "best.pt")["epoch"] + 1 == summary["best_epoch"]
+    if state is not None and (run / "log.jsonl").exists():
+        log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in log] == [r["epoch"] for r in state["history"]][:len(log)]
+    return state
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    scenes = make_scenes(root / "data", classes=2, per_class=12, size=SIZE)
+    assert cli("split", scenes, "--train-ratio", 0.5, "--out", root / "split").exit_code == 0
+    return root
+
+
+def train_args(data, out, *extra):
+    return ["train-teacher", "--split", data / "split", "--arch", ARCH, "--out", out, "--device", "cpu",
+            "--image-size", SIZE, "--batch-size", 4, "--epochs", EPOCHS, "--lr", 0.01, "--no-progress",
+            "--set", "data.num_threads=1", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(data):
+    """The uninterrupted run every killed-and-resumed one must equal."""
+    r = cli(*train_args(data, data / "reference"))
+    assert r.exit_code == 0, r.output
+    return load_checkpoint(data / "reference" / "last.pt")
+
+
+def assert_same_run(state, ref):
+    for part in ("model",):
+        for k, v in ref[part].items():
+            assert torch.equal(state[part][k], v), k
+    for a, b in zip(state["optimizer"]["state"].values(), ref["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
+    strip = lambda h: [{k: v for k, v in r.items() if "second" not in k and "per_s" not in k} for r in h]
+    assert strip(state["history"]) == strip(ref["history"])
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+def test_symlink_loop_is_refused_naming_it(data, tmp_path):
+    tree = make_scenes(tmp_path / "d", classes=2, per_class=3, size=SIZE)
+    (tree / "farmland" / "loop").symlink_to("..")
+    for command in (["check-data", tree], ["split", tree, "--train-ratio", 0.5, "--out", tmp_path / "s"]):
+        one_error_line(cli(*command), "farmland/loop links back to", "loop")
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_file_reached_twice_is_refused(tmp_path):
+    tree = make_scenes(tmp_path / "d", classes=2, per_class=3, size=SIZE)
+    (tree / "farmland" / "other").symlink_to(tree / "forest")
+    one_error_line(cli("check-data", tree), "are the same file")
+
+
+def test_one_class_and_a_class_without_test_images(tmp_path):
+    tree = make_scenes(tmp_path / "d", classes=1, per_class=4, size=SIZE)
+    one_error_line(cli("split", tree, "--train-ratio", 0.5, "--out", tmp_path / "s"), "at least two")
+    tree = make_scenes(tmp_path / "e", classes=2, per_class=3, size=SIZE)
+    for extra in sorted((tree / "forest").iterdir())[1:]:
+        extra.unlink()
+    one_error_line(cli("split", tree, "--train-ratio", 0.5, "--out", tmp_path / "s"),
+                   "class 'forest' (1 image) with no", "image")
+
+
+def test_a_file_gone_bad_after_the_split_is_named(data, tmp_path):
+    tree = make_scenes(tmp_path / "d", classes=2, per_class=6, size=SIZE)
+    assert cli("split", tree, "--train-ratio", 0.5, "--out", tmp_path / "s").exit_code == 0
+    assert cli(*train_args(data, tmp_path / "ok", "--epochs", 1)[:0],
+               *["train-teacher", "--split", tmp_path / "s", "--arch", ARCH, "--out", tmp_path / "ok",
+                 "--device", "cpu", "--image-size", SIZE, "--batch-size", 4, "--epochs", 1,
+                 "--no-progress"]).exit_code == 0
+    victim = sorted((tree / "forest").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated after the split checked it
+    r = cli("train-teacher", "--split", tmp_path / "s", "--arch", ARCH, "--out", tmp_path / "t",
+            "--device", "cpu", "--image-size", SIZE, "--batch-size", 2, "--epochs", 1, "--no-progress")
+    one_error_line(r, str(victim), "write the split again")
+    r = cli("evaluate", "--split", tmp_path / "s", "--checkpoint", tmp_path / "ok" / "last.pt",
+            "--out", tmp_path / "ev", "--device", "cpu")
+    one_error_line(r, str(victim))
+
+
+def test_preview_leaves_unreadable_files_out(tmp_path):
+    from conftest import write_bad_files
+    tree = make_scenes(tmp_path / "d", classes=2, per_class=2, size=SIZE)
+    write_bad_files(tree / "farmland")
+    r = cli("preview", tree, "--rows", 6, "--samples", 10, "--device", "cpu", "--out", tmp_path / "g.png")
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    assert r.stderr.count("left out of the grid") == 3 and (tmp_path / "g.png").is_file()
+
+
+def test_webp_counts_and_other_files_are_named(tmp_path):
+    from PIL import Image
+    tree = make_scenes(tmp_path / "d", classes=2, per_class=2, size=SIZE)
+    Image.open(sorted((tree / "forest").iterdir())[0]).save(tree / "forest" / "extra.webp")
+    (tree / "forest" / "notes.txt").write_text("field notes\n")
+    r = cli("check-data", tree, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["checked"] == 5, r.output
+    assert "skipped 1 file that is not an image (forest/notes.txt)" in r.stderr
+
+
+# ---- crash safety ----------------------------------------------------------------------------
+
+WORKER = textwrap.dedent('''
+    import os, sys
+    import torch
+    from dali_erkt import checkpoint, io
+    from dali_erkt.cli import main
+
+    # FAULT = "<file name>:<n-th write of it>:<moment>", moment one of
+    #   torn:   half of the temporary file written, then the process dies
+    #   renamed-not: the temporary file complete, not yet renamed
+    #   renamed: right after the rename
+    name, nth, moment = os.environ["FAULT"].split(":")
+    nth, count = int(nth), {"n": 0}
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == name:
+            count["n"] += 1
+            if count["n"] == nth and moment == "renamed-not":
+                os._exit(137)
+            real_replace(src, dst)
+            if count["n"] == nth and moment == "renamed":
+                os._exit(137)
+            return
+        real_replace(src, dst)
+
+    real_write = io.atomic_write
+
+    def atomic_write(path, write):
+        def torn(tmp):
+            write(tmp)
+            with open(tmp, "r+b") as fh:
+                fh.truncate(os.path.getsize(tmp) // 2)
+            os._exit(137)
+        torn_now = moment == "torn" and os.path.basename(str(path)) == name and count["n"] + 1 == nth
+        real_write(path, torn if torn_now else write)
+
+    os.replace = replace
+    io.atomic_write = checkpoint.atomic_write = atomic_write
+    sys.exit(main(sys.argv[1:]))
+''')
+
+PLACED = [  # (file, n-th write, moment): every place a kill can hit the run folder's writes
+    ("config.yaml", 1, "renamed-not"),  # before the first checkpoint
+    ("best.pt", 1, "torn"),  # during the first checkpoint write
+    ("best.pt", 2, "renamed"),  # between best.pt and last.pt
+    ("last.pt", 2, "renamed-not"),
+    ("last.pt", 2, "renamed"),  # between last.pt and the log
+    ("log.jsonl", 3, "renamed"),  # after the last epoch, before summary.json
+    ("summary.json", 1, "renamed-not"),
+]
+
+
+def run_worker(tmp_path, fault, args):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = dict(os.environ, FAULT=fault)  # the same threads as the reference run: the same sums
+    return subprocess.run([sys.executable, str(script), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", PLACED, ids=[f"{f}-{n}-{m}" for f, n, m in PLACED])
+def test_placed_kill_then_resume_equals_the_uninterrupted_run(data, reference, tmp_path, fault):
+    out = tmp_path / "run"
+    killed = run_worker(tmp_path, ":".join(map(str, fault)), train_args(data, out))
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    r = cli(*train_args(data, out, "--resume"))
+    assert r.exit_code == 0, r.output
+    assert_same_run(consistent(out), reference)
+    assert (out / "summary.json").is_file()
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_resume(data, reference, tmp_path):
+    """Real kills of a real process, three times in one run, at random moments; each resume
+    continues, and the finished run equals the uninterrupted one."""
+    out, rng = tmp_path / "run", random.Random(7)
+    args = [str(BIN)] + [str(a) for a in train_args(data, out)]
+    env = dict(os.environ)  # the same threads as the reference run: the same float sums
+    for attempt in range(3):
+        cmd = args + (["--resume"] if (out / "config.yaml").exists() else [])
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(3.0, 9.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        consistent(out) if (out / "last.pt").exists() else None
+    r = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    if "has finished all" in r.stderr:  # the last kill came after the run had completed
+        assert r.returncode == 2
+    else:
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert_same_run(consistent(out), reference)
+
+
+def test_divergence_stops_with_finite_weights_kept(data, tmp_path):
+    r = cli(*train_args(data, tmp_path / "run", "--lr", "1e30"))
+    line = one_error_line(r, "NaN or infinite", code=3)
+    assert "use --precision fp32" not in line  # the run is fp32 already
+    if (tmp_path / "run" / "last.pt").exists():
+        consistent(tmp_path / "run")
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+
+def test_hostile_and_mismatched_checkpoints(data, reference, tmp_path):
+    split = data / "split"
+    ev = ["evaluate", "--split", split, "--out", tmp_path / "ev", "--device", "cpu", "--checkpoint"]
+    (tmp_path / "noise.safetensors").write_bytes(os.urandom(4096))
+    one_error_line(cli(*ev, tmp_path / "noise.safetensors"), "weights only")
+    (tmp_path / "noise.pt").write_bytes(os.urandom(4096))
+    one_error_line(cli(*ev, tmp_path / "noise.pt"), "not a torch checkpoint")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"arch": ARCH, "model": Evil()}, tmp_path / "evil.pt")
+    one_error_line(cli(*ev, tmp_path / "evil.pt"), "needs code to load")
+    assert not marker.exists()
+    # No class names, or other classes than the split's.
+    state = dict(reference)
+    save_checkpoint(tmp_path / "noclasses.pt", {k: v for k, v in state.items() if k != "classes"})
+    one_error_line(cli(*ev, tmp_path / "noclasses.pt"), "records no class names")
+    save_checkpoint(tmp_path / "other.pt", dict(state, classes=["a", "b", "c"]))
+    one_error_line(cli(*ev, tmp_path / "other.pt"), "3 classes", "not this split's 2")
+    distill = ["distill", "--split", split, "--out", tmp_path / "s", "--device", "cpu", "--epochs", 1,
+               "--image-size", SIZE, "--set", f"model.teachers=[{ARCH}]", "--set", "model.teacher_weights=[1]"]
+    one_error_line(cli(*distill, "--teacher", tmp_path / "other.pt"), "not this split's")
+    # A teacher of another architecture than model.teachers names.
+    one_error_line(cli(*distill[:-4], "--set", "model.teachers=[resnet18]", "--set",
+                       "model.teacher_weights=[1]", "--teacher", data / "reference" / "last.pt"),
+                   "is a resnet10t checkpoint, but resnet18 was asked for")
+
+
+def test_resume_refuses_what_does_not_fit(data, reference, tmp_path):
+    out = tmp_path / "run"
+    assert cli(*train_args(data, out, "--epochs", 1)).exit_code == 0
+    # Distill --resume of a train-teacher run.
+    r = cli("distill", "--split", data / "split", "--out", out, "--resume", "--teacher",
+            data / "reference" / "last.pt", "--set", f"model.teachers=[{ARCH}]", "--set",
+            "model.teacher_weights=[1]", "--set", f"model.arch={ARCH}", "--allow-changes")
+    one_error_line(r, "is a teacher run", "train-teacher")
+    # An optimizer state from another model.
+    state = load_checkpoint(out / "last.pt")
+    other = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters())
+    torch.nn.Linear(3, 2)(torch.ones(1, 3)).sum().backward()
+    save_checkpoint(out / "last.pt", dict(state, optimizer=other.state_dict()))
+    one_error_line(cli(*train_args(data, out, "--resume", "--allow-changes")), "optimizer state")
+    # A model state whose classifier does not fit the classes.
+    bad = dict(state, model={k: (v[:1] if k.startswith("fc.") else v) for k, v in state["model"].items()})
+    save_checkpoint(out / "last.pt", bad)
+    one_error_line(cli(*train_args(data, out, "--resume", "--allow-changes")), "last.pt has a 1-class classifier")
+
+
+# ---- resources and files ---------------------------------------------------------------------
+
+def test_out_is_an_existing_file(data, tmp_path):
+    (tmp_path / "taken").write_text("mine\n")
+    one_error_line(cli(*train_args(data, tmp_path / "taken")), "is a file, not a folder")
+    assert (tmp_path / "taken").read_text() == "mine\n"
+
+
+def test_files_get_the_umask_mode(data, tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert cli(*train_args(data, tmp_path / "run", "--epochs", 1)).exit_code == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").iterdir()}
+    assert set(modes.values()) == {0o644}, modes
+
+
+def _mount_tmpfs(folder: Path, size: str, *options) -> bool:
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    opts = ",".join((f"size={size}",) + options)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(folder)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("size", ["2m", "80m"])
+def test_full_disk_is_one_line_and_keeps_what_was_written(data, tmp_path, size):
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, size):
+        pytest.skip("needs root and permission to mount a tmpfs (a small full disk)")
+    try:
+        # Fill the disk but for a little, so the run fails part-way through its writes.
+        (disk / "filler").write_bytes(b"\0" * 1)
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        (disk / "filler").write_bytes(b"\0" * max(0, free - 600_000))
+        r = cli(*train_args(data, disk / "run"))
+        one_error_line(r, "cannot write", "No space left on device", code=3)
+        if (disk / "run").exists():
+            consistent(disk / "run")
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_read_only_output_folder(data, tmp_path):
+    disk = tmp_path / "ro"
+    if not _mount_tmpfs(disk, "4m", "ro"):
+        pytest.skip("needs root and permission to mount a read-only tmpfs")
+    try:
+        one_error_line(cli(*train_args(data, disk / "run")), "cannot write", "Read-only", code=3)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+# ---- configuration and command line ----------------------------------------------------------
+
+@pytest.mark.parametrize("extra,words", [
+    (["--set", "optim.weight_decay=-1"], ["optim.weight_decay = -1.0 must be >= 0"]),
+    (["--lr", "nan"], ["optim.lr = nan"]),
+    (["--set", "data.num_threads=0"], ["data.num_threads = 0"]),
+    (["--set", "data.prefetch=0"], ["data.prefetch = 0"]),
+    (["--config", "LIST"], ["holds a list, not a mapping"]),
+    (["--config", "NOISE"], ["is not text"]),
+])
+def test_bad_settings_are_one_line(data, tmp_path, extra, words):
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    (tmp_path / "noise.yaml").write_bytes(bytes(range(256)))
+    extra = [{"LIST": tmp_path / "list.yaml", "NOISE": tmp_path / "noise.yaml"}.get(x, x) for x in extra]
+    one_error_line(cli(*train_args(data, tmp_path / "run", *extra)), *words)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is absent")
+def test_preview_on_cuda_without_cuda(data, tmp_path):
+    one_error_line(cli("preview", data / "data", "--device", "cuda", "--out", tmp_path / "g.png"),
+                   "CUDA is not available")
+
+
+def test_pretrained_without_network_is_one_line(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub answers at once, as with no network
+    one_error_line(cli(*train_args(data, tmp_path / "run", "--pretrained")),
+                   "could not fetch timm's pretrained weights", "--weights")
