@@ -144,6 +144,9 @@ def train_teacher_cmd(no_progress, **kwargs):
 
 @main.command("distill")
 @teacher_options
+@click.option("--teacher-cache", type=click.Path(file_okay=False),
+              help="Folder of the teacher logit cache: read where it holds this run's views, "
+                   "else filled as the run goes.")
 @training_options
 @config_options
 @run_options
@@ -152,6 +155,22 @@ def distill_cmd(no_progress, **kwargs):
     """Distil the teacher ensemble into the student (ERKT: VSM + CE + DIST), the paper's loop."""
     from .commands.train import distill
     click.echo(json.dumps(distill(progress=not no_progress, **kwargs)))
+
+
+@main.command("cache-teachers")
+@click.option("--split", "split_dir", required=True, type=click.Path(),
+              help="Split folder written by `dali-erkt split`.")
+@click.option("--teacher-cache", required=True, type=click.Path(file_okay=False),
+              help="Folder of the teacher logit cache to fill.")
+@teacher_options
+@config_options
+@run_options
+@one_line_errors
+def cache_teachers_cmd(**kwargs):
+    """Run the teachers over every view of optim.epochs epochs and store their logits, so that
+    `distill --teacher-cache` replays them (sweeps over teacher weights, the loss, students)."""
+    from .commands.train import cache_teachers
+    click.echo(json.dumps(cache_teachers(**kwargs)))
 
 
 @main.command("evaluate")

@@ -25,46 +25,11 @@ from .data.loader import DaliLoader
 from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluation import predict, scores
 from .io import file_sha256
-from .losses import cutmix_cross_entropy, erkt_loss
 from .metrics import agreement
 from .models import create_model, place
 from .run_dir import RunDir
+from .tasks import Distillation, Supervised, compiled  # noqa: F401 (the loop's tasks)
 from .runtime import Runtime, all_reduce_mean, barrier
-
-# --------------------------------------------------------------------------------------------
-# Tasks: a batch in, named loss parts out ("loss" is what is minimised).
-# --------------------------------------------------------------------------------------------
-
-
-class Supervised:
-    """CutMix cross-entropy: how each teacher is fine-tuned on the split."""
-    kind, parts = "teacher", ("loss", "ce")
-
-    def losses(self, model, images, batch) -> dict:
-        ce = cutmix_cross_entropy(model(images), batch.labels, batch.partner_labels, batch.mix_weight)
-        return {"loss": ce, "ce": ce}
-
-
-class Distillation:
-    """The ERKT loss from a frozen teacher that sees exactly the student's (mixed) images."""
-    kind, parts = "student", ("loss", "ce", "inter", "intra")
-
-    def __init__(self, teacher, *, ratio: float, tau: float, tau_squared: bool,
-                 inter_weight: float, intra_weight: float):
-        self.teacher = teacher
-        self.loss = dict(ratio=ratio, tau=tau, tau_squared=tau_squared, inter_weight=inter_weight,
-                         intra_weight=intra_weight)
-
-    @classmethod
-    def from_config(cls, teacher, loss_cfg) -> "Distillation":
-        return cls(teacher, ratio=loss_cfg.ratio, tau=loss_cfg.tau, tau_squared=loss_cfg.tau_squared,
-                   inter_weight=loss_cfg.inter_weight, intra_weight=loss_cfg.intra_weight)
-
-    def losses(self, model, images, batch) -> dict:
-        target = self.teacher(images)
-        return erkt_loss(model(images), target, batch.labels, batch.partner_labels,
-                         batch.mix_weight, **self.loss)
-
 
 # --------------------------------------------------------------------------------------------
 # Pieces of the loop.
@@ -81,12 +46,6 @@ def make_optimizer(model, lr: float, weight_decay: float, device: torch.device):
     """AdamW; fused (one kernel for all parameters) on CUDA."""
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
                              fused=torch.device(device).type == "cuda")
-
-
-def compiled(module, rt: Runtime):
-    """`module` as the hot loop calls it: under torch.compile where enabled (reduce-overhead
-    captures CUDA graphs; static shapes come from drop_last)."""
-    return torch.compile(module, mode=rt.compile_mode) if rt.compile else module
 
 
 def make_train_step(model, task, optimizer, scaler, rt: Runtime):
@@ -161,7 +120,6 @@ def _check_finite(sums: torch.Tensor, steps: int) -> None:
 class Setup:
     """What the loop works with, built once in `setup`."""
     model: torch.nn.Module  # the plain model (saved, evaluated)
-    teacher: torch.nn.Module | None  # the plain teacher (its test predictions)
     step: object  # the compiled, distributed training step
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -179,10 +137,6 @@ def setup(cfg: Config, split: Split, task, rt: Runtime, state: dict | None, log,
         model = create_model(cfg.model.arch, num_classes)
         load_state(model, state["model"], state_path)
     model = place(model, rt.device, rt.channels_last)
-    teacher = None
-    if isinstance(task, Distillation):
-        teacher = place(task.teacher, rt.device, rt.channels_last)
-        task.teacher = compiled(teacher, rt)
     optimizer = make_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, rt.device)
     scaler = rt.grad_scaler()
     if state is not None:
@@ -200,7 +154,8 @@ def setup(cfg: Config, split: Split, task, rt: Runtime, state: dict | None, log,
                                    train=True, rank=rt.rank, world=rt.world)
     test = DaliLoader.from_config(split.paths("test"), split.labels("test"), cfg, device=rt.device,
                                   train=False)
-    return Setup(model, teacher, step, optimizer, scaler, train, test)
+    task.prepare(rt, train)
+    return Setup(model, step, optimizer, scaler, train, test)
 
 
 def _load_optimizer(optimizer, saved: dict) -> None:
@@ -233,7 +188,7 @@ def fit(cfg: Config, split: Split, out_dir, task, rt: Runtime, resume: bool = Fa
     start, history, best = (0, [], {"oa": -1.0, "epoch": -1}) if state is None else \
         (state["epoch"] + 1, state["history"], state["best"])
     # The teacher is frozen: its test predictions are computed once, for the agreement metric.
-    teacher_preds = predict(s.teacher, s.test_loader, rt)[0] if rt.main and s.teacher is not None else None
+    teacher_preds = task.test_predictions(s.test_loader, rt) if rt.main and task.kind == "student" else None
     epochs, name, t_run = cfg.optim.epochs, f"{task.kind} {cfg.model.arch}", time.time()
     for epoch in range(start, epochs):
         lr = cosine_lr(cfg.optim.lr, epoch, epochs, cfg.optim.schedule)
@@ -246,7 +201,9 @@ def fit(cfg: Config, split: Split, out_dir, task, rt: Runtime, resume: bool = Fa
                    dynamic_ncols=True, file=sys.stderr)
         t0 = time.time()
         with bar, _failures(epoch, run, rt, cfg):
+            task.begin_epoch(epoch)
             parts, seen = train_one_epoch(s.step, s.train_loader, task, rt, cfg.run.log_every, bar)
+            task.end_epoch(epoch)
         seconds = time.time() - t0
         record = {"epoch": epoch + 1, "lr": lr, **parts, "train_images": seen,
                   "train_seconds": round(seconds, 3), "images_per_s": round(seen / max(seconds, 1e-9), 2)}

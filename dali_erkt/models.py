@@ -97,16 +97,34 @@ class TeacherEnsemble(nn.Module):
         return super().train(False)
 
     @torch.no_grad()  # not inference_mode: the outputs enter the student's autograd graph as constants
-    def member_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Each teacher's logits, float32, in member order."""
-        return [m(x).float() for m in self.members]
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Every teacher's logits, float32, stacked in member order: (K, B, C)."""
+        return torch.stack([m(x).float() for m in self.members])
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = torch.stack([self.members[k](x).float() for k in self._used])  # (K, B, C)
-        if self.combine == "logits":
-            return (self._w * logits).sum(0)
-        return torch.logsumexp(self._w.log() + F.log_softmax(logits, dim=2), dim=0)
+        logits = torch.stack([self.members[k](x).float() for k in self._used])  # (K', B, C)
+        return combine_logits(logits, self._w, self.combine)
+
+
+class MemberLogits(nn.Module):
+    """The ensemble's members' logits (K, B, C) as a module's forward (so it compiles as one)."""
+
+    def __init__(self, ensemble: TeacherEnsemble):
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ensemble.member_logits(x)
+
+
+def combine_logits(logits: torch.Tensor, weights: torch.Tensor, combine: str) -> torch.Tensor:
+    """The ensemble's logits from its members' (K, B, C), with weights (K, 1, 1) summing to 1:
+    log(sum_k w_k softmax(z_k)) for "probs", sum_k w_k z_k for "logits". A zero weight adds
+    nothing (its log is -inf inside the logsumexp)."""
+    if combine == "logits":
+        return (weights * logits).sum(0)
+    return torch.logsumexp(weights.log() + F.log_softmax(logits, dim=2), dim=0)
 
 
 def build_ensemble(archs: Sequence[str], checkpoints: Sequence, weights: Sequence[float],

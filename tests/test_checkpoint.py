@@ -101,18 +101,22 @@ def test_corrupt_or_missing_files(tmp_path, corrupt):
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
+    """A write that fails part-way (here: the disk fills while the file is flushed) leaves the
+    old checkpoint whole, no temporary file, and one error line."""
+    import errno
+    import os
+
+    from dali_erkt import io
+
     path = tmp_path / "c.pt"
     save_checkpoint(path, {"v": torch.tensor(1)})
-    real_save = torch.save
 
-    def half_then_fail(obj, f, *args, **kwargs):
-        real_save(obj, f, *args, **kwargs)
-        with open(f, "r+b") as fh:  # leave a half-written file behind, then crash
-            fh.truncate(fh.seek(0, 2) // 2)
-        raise OSError("disk full")
+    def half_then_full(fd):
+        os.truncate(f"/proc/self/fd/{fd}", os.fstat(fd).st_size // 2)  # half of it is on disk ...
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # ... then the disk is full
 
-    monkeypatch.setattr(torch, "save", half_then_fail)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(io.os, "fsync", half_then_full)
+    with pytest.raises(OSError, match="cannot write .*c.pt: No space left on device"):
         save_checkpoint(path, {"v": torch.tensor(2)})
     monkeypatch.undo()
     assert load_checkpoint(path)["v"].item() == 1

@@ -58,6 +58,7 @@ def test_check_data_exit_codes_and_json(image_tree):
     res = run("check-data", image_tree, "--json")
     assert res.exit_code == 1
     report = json.loads(res.stdout)
-    assert set(report) == {"root", "checked", "bad"} and report["checked"] == 27
+    assert set(report) == {"root", "checked", "bad", "skipped"} and report["checked"] == 27
+    assert report["skipped"] == []
     assert {b["path"] for b in report["bad"]} == {f"harbor/{n}" for n in names}
     assert all(set(b) == {"path", "reason"} for b in report["bad"])

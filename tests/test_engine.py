@@ -124,7 +124,8 @@ def test_an_existing_run_is_not_overwritten(split, tmp_path):
 
 def test_nan_loss_stops_with_last_good_checkpoint_intact(split, tmp_path, monkeypatch):
     cfg = tiny_config("base", epochs=3)
-    real = engine.cutmix_cross_entropy
+    from dali_erkt import tasks
+    real = tasks.cutmix_cross_entropy
     calls = {"n": 0}
     steps_per_epoch = len(split.train) // cfg.data.batch_size
 
@@ -133,7 +134,7 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(split, tmp_path, monkey
         loss = real(*args)
         return loss * float("nan") if calls["n"] > steps_per_epoch else loss  # from epoch 2 on
 
-    monkeypatch.setattr(engine, "cutmix_cross_entropy", poisoned)
+    monkeypatch.setattr(tasks, "cutmix_cross_entropy", poisoned)
     with pytest.raises(TrainingError, match=r"NaN or infinite by step \d+ of epoch 2.*last good checkpoint"):
         fit_teacher(cfg, split, tmp_path / "run")
     state = load_checkpoint(tmp_path / "run" / "last.pt")

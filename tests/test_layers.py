@@ -21,7 +21,8 @@ LAYERS = {
     "dali_erkt.synthetic": 1, "dali_erkt.data": 1, "dali_erkt.models": 1, "dali_erkt.losses": 1,
     "dali_erkt.reports": 1,
     "dali_erkt.evaluation": 2,
-    "dali_erkt.engine": 3, "dali_erkt.run_dir": 3,
+    "dali_erkt.teacher_cache": 2,
+    "dali_erkt.engine": 3, "dali_erkt.run_dir": 3, "dali_erkt.tasks": 3,
     "dali_erkt.commands": 4,
     "dali_erkt.cli": 5,
 }

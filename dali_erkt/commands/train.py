@@ -1,8 +1,14 @@
 """`train-teacher` and `distill`: resolve the configuration and the runtime, build the task, fit."""
 from __future__ import annotations
 
+import sys
+import time
+
 from ..data.dataset import load_split
-from ..engine import Distillation, Supervised, fit
+from ..data.loader import DaliLoader
+from ..engine import fit
+from ..tasks import Distillation, Supervised, fill_teacher_cache
+from ..teacher_cache import open_cache
 from ..models import build_ensemble
 from ..runtime import close_process_group, resolve_runtime
 from .common import config_from_options, resume_base, teacher_paths, weights_flags
@@ -26,17 +32,52 @@ def train_teacher(split_dir, arch, out_dir, *, weights=None, pretrained=False, r
 
 
 def distill(split_dir, out_dir, *, teacher_dir=None, teachers=(), weights=None, pretrained=False,
-            resume=False, allow_changes=False, progress=True, config_path=None, **options) -> dict:
-    """Distil the frozen teacher ensemble into the student (the VSM + CE + DIST)."""
+            resume=False, allow_changes=False, progress=True, config_path=None, teacher_cache=None,
+            **options) -> dict:
+    """Distil the frozen teacher ensemble into the student (the VSM + CE + DIST); with
+    `teacher_cache`, the teachers' logits are read from it where it holds them, else written."""
     cfg = config_from_options("erkt", config_path=resume_base(resume, out_dir, config_path),
                               extra_flags=weights_flags(weights, pretrained), **options)
-    split = load_split(split_dir)
-    m = cfg.model
-    paths = teacher_paths(m.teachers, teacher_dir, teachers)
-    ensemble = build_ensemble(m.teachers, paths, m.teacher_weights, m.combine, split.classes)
+    split, paths, ensemble = _teachers(cfg, split_dir, teacher_dir, teachers)
     rt = resolve_runtime(cfg.run)
     try:
-        return fit(cfg, split, out_dir, Distillation.from_config(ensemble, cfg.loss), rt,
+        cache = None if teacher_cache is None else \
+            open_cache(teacher_cache, cfg, split, paths, rt, cfg.optim.epochs, _log(rt))
+        return fit(cfg, split, out_dir, Distillation.from_config(ensemble, cfg.loss, cache), rt,
                    resume=resume, allow_changes=allow_changes, progress=progress)
     finally:
         close_process_group()
+
+
+def cache_teachers(split_dir, teacher_cache, *, teacher_dir=None, teachers=(), config_path=None,
+                   **options) -> dict:
+    """Fill the teacher logit cache for `optim.epochs` epochs without training a student."""
+    cfg = config_from_options("erkt", config_path=config_path, **options)
+    split, paths, ensemble = _teachers(cfg, split_dir, teacher_dir, teachers)
+    rt = resolve_runtime(cfg.run)
+    try:
+        log = _log(rt)
+        cache = open_cache(teacher_cache, cfg, split, paths, rt, cfg.optim.epochs, log)
+        train = DaliLoader.from_config(split.paths("train"), split.labels("train"), cfg,
+                                       device=rt.device, train=True, rank=rt.rank, world=rt.world)
+        test = DaliLoader.from_config(split.paths("test"), split.labels("test"), cfg,
+                                      device=rt.device, train=False)
+        start = time.time()
+        filled = fill_teacher_cache(Distillation.from_config(ensemble, cfg.loss, cache), train, test,
+                                    cfg.optim.epochs, rt, log)
+        return {"cache": str(teacher_cache), "epochs": cfg.optim.epochs, "filled": filled,
+                "seconds": round(time.time() - start, 2)}
+    finally:
+        close_process_group()
+
+
+def _log(rt):
+    return (lambda line: print(line, file=sys.stderr, flush=True)) if rt.main else (lambda line: None)
+
+
+def _teachers(cfg, split_dir, teacher_dir, teachers):
+    """The split, the teachers' checkpoints and the frozen ensemble built from them."""
+    split = load_split(split_dir)
+    m = cfg.model
+    paths = teacher_paths(m.teachers, teacher_dir, teachers)
+    return split, paths, build_ensemble(m.teachers, paths, m.teacher_weights, m.combine, split.classes)

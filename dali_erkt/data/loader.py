@@ -221,8 +221,10 @@ class DaliLoader:
             if reason is not None:
                 raise DataError(f"{path}: {reason}; it was readable when the split was written: "
                                 "replace or remove it and write the split again") from None
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise DataError(f"the DALI pipeline stopped ({first}) on one of {len(recent)} files read "
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if ln.startswith(("Error", "DataError", "Assert"))),
+                   lines[-1] if lines else type(exc).__name__)[:200]
+        raise DataError(f"the DALI pipeline stopped ({why}) on one of {len(recent)} files read "
                         f"last ({', '.join(recent[:2])}, ...): run `dali-erkt check-data`") from None
 
     def _wrap(self, d: dict):

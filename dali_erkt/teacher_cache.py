@@ -1,0 +1,180 @@
+"""The teacher logit cache: the teachers' work done once, replayed view by view.
+
+Every augmented view is a pure function of (split, VSM and data settings, seed, epoch, position),
+so the teachers' logits over a whole run are a pure function of those plus the teachers' weights,
+the image size and the precision. The cache stores them once; a later run with the same views
+(a sweep over `model.teacher_weights`, `model.combine` or the loss, another student, a rerun) reads
+them instead of running the teachers.
+
+Layout of a cache folder (no pickles):
+
+    key.json                  what the logits depend on (a run with another key is refused)
+    r<rank>-t<k>.f16          teacher k's fp16 logits for this rank's positions, epoch-major:
+                              (epochs, positions per epoch, classes), grown an epoch at a time
+    r<rank>-test.f16          every teacher's logits on the test split (K, images, classes)
+    r<rank>.json              the epochs whose rows are complete (written after the rows)
+
+Each member's logits are stored, not the ensemble's: the combination (weights, `combine`) is
+applied at replay. An epoch is marked complete only after all its rows are on disk, so a cache
+killed half-way goes on from the last complete epoch and a partial epoch is never read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config, to_dict
+from .data.dataset import Split
+from .data.plan import num_batches, shard
+from .errors import ConfigError, DataError
+from .io import atomic_write_text, file_sha256
+
+ROW_DTYPE = np.float16
+
+
+def cache_key(cfg: Config, split: Split, teacher_checkpoints, precision: str, device_type: str,
+              channels_last: bool, world: int) -> dict:
+    """Everything a cached logit depends on (and nothing a sweep may change)."""
+    listing = "".join(f"{p}\t{y}\n" for p, y in split.train) + "|" + "\n".join(split.classes)
+    d = cfg.data
+    return {
+        "split_sha256": hashlib.sha256(listing.encode()).hexdigest(),
+        "test_sha256": hashlib.sha256("".join(f"{p}\t{y}\n" for p, y in split.test).encode()).hexdigest(),
+        "vsm": to_dict(cfg.vsm), "seed": cfg.run.seed, "image_size": d.image_size,
+        "batch_size": d.batch_size, "drop_last": d.drop_last, "mean": list(d.mean),
+        "std": list(d.std), "dtype": d.dtype,
+        "teachers": list(cfg.model.teachers),
+        "teacher_sha256": [file_sha256(p) for p in teacher_checkpoints],
+        "precision": precision, "device": device_type, "channels_last": channels_last,
+        "world": world,
+    }
+
+
+class TeacherCache:
+    """One rank's view of a cache folder."""
+
+    def __init__(self, folder, key: dict, *, teachers: int, positions: int, classes: int,
+                 rank: int = 0):
+        self.folder = Path(folder)
+        self.key, self.rank = key, rank
+        self.shape = (teachers, positions, classes)  # one epoch's rows
+        self.folder.mkdir(parents=True, exist_ok=True)
+        saved = self.folder / "key.json"
+        if saved.exists():
+            old = json.loads(saved.read_text())
+            for field in sorted(set(old) | set(key)):
+                if old.get(field) != key.get(field):
+                    raise ConfigError(f"teacher cache {self.folder} was filled with another {field} "
+                                      f"({_short(old.get(field))} vs {_short(key.get(field))} now): "
+                                      "use another --teacher-cache folder for these settings")
+        elif rank == 0:
+            atomic_write_text(saved, json.dumps(key, indent=1) + "\n")
+        self._status = self.folder / f"r{rank}.json"
+        self._done = set(json.loads(self._status.read_text())["complete"]) if self._status.exists() else set()
+
+    # -- training rows ----------------------------------------------------------------------
+
+    def _file(self, k: int) -> Path:
+        return self.folder / f"r{self.rank}-t{k}.f16"
+
+    def _epoch_bytes(self) -> int:
+        return int(np.prod(self.shape[1:])) * np.dtype(ROW_DTYPE).itemsize
+
+    def complete(self, epoch: int) -> bool:
+        return epoch in self._done
+
+    def read_epoch(self, epoch: int) -> np.ndarray:
+        """(teachers, positions, classes) fp16 rows of a complete epoch."""
+        if not self.complete(epoch):
+            raise DataError(f"teacher cache {self.folder} has no complete epoch {epoch + 1}")
+        out = np.empty(self.shape, dtype=ROW_DTYPE)
+        for k in range(self.shape[0]):
+            rows = np.memmap(self._file(k), dtype=ROW_DTYPE, mode="r", offset=epoch * self._epoch_bytes(),
+                             shape=self.shape[1:])
+            out[k] = rows
+            del rows
+        return out
+
+    def write_epoch(self, epoch: int, rows: np.ndarray) -> None:
+        """Store an epoch's rows, then mark it complete (a kill in between leaves it unmarked)."""
+        if rows.shape != self.shape:
+            raise ValueError(f"rows {rows.shape} do not fit the cache's {self.shape}")
+        need = (epoch + 1) * self._epoch_bytes()
+        for k in range(self.shape[0]):
+            path = self._file(k)
+            with open(path, "ab"):
+                pass
+            if os.path.getsize(path) < need:
+                os.truncate(path, need)  # grow by whole epochs (sparse until written)
+            out = np.memmap(path, dtype=ROW_DTYPE, mode="r+", offset=epoch * self._epoch_bytes(),
+                            shape=self.shape[1:])
+            out[:] = rows[k]
+            out.flush()
+            del out
+        self._done.add(epoch)
+        atomic_write_text(self._status, json.dumps({"complete": sorted(self._done)}) + "\n")
+
+    # -- the test split ---------------------------------------------------------------------
+
+    def read_test(self) -> np.ndarray | None:
+        path = self.folder / f"r{self.rank}-test.f16"
+        meta = self.folder / f"r{self.rank}-test.json"
+        if not (path.exists() and meta.exists()):
+            return None
+        shape = tuple(json.loads(meta.read_text())["shape"])
+        return np.fromfile(path, dtype=ROW_DTYPE).reshape(shape)
+
+    def write_test(self, logits: np.ndarray) -> None:
+        from .io import atomic_write
+        atomic_write(self.folder / f"r{self.rank}-test.f16",
+                     lambda tmp: logits.astype(ROW_DTYPE).tofile(tmp))
+        atomic_write_text(self.folder / f"r{self.rank}-test.json",
+                          json.dumps({"shape": list(logits.shape)}) + "\n")
+
+
+def cache_bytes(epochs: int, positions: int, classes: int, teachers: int) -> int:
+    """Bytes of `epochs` epochs of rows (per rank)."""
+    return epochs * positions * classes * teachers * np.dtype(ROW_DTYPE).itemsize
+
+
+def check_space(folder, need: int) -> None:
+    """Refuse, in one line, a cache the disk under `folder` cannot hold."""
+    folder = Path(folder)
+    probe = folder if folder.exists() else next(p for p in folder.parents if p.exists())
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise ConfigError(f"the teacher cache needs {need / 1e9:.2f} GB but {probe} has "
+                          f"{free / 1e9:.2f} GB free: choose another --teacher-cache folder")
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def positions_per_epoch(n_train: int, batch_size: int, drop_last: bool, rank: int, world: int) -> int:
+    """The training views one rank sees per epoch (its batches times the batch size)."""
+    per_rank = len(shard(np.arange(n_train), rank, world))
+    return num_batches(per_rank, batch_size, drop_last) * batch_size
+
+
+def open_cache(folder, cfg: Config, split: Split, teacher_checkpoints, rt, epochs: int, log) -> TeacherCache:
+    """The run's cache in `folder`: keyed, sized, and checked against the free disk."""
+    key = cache_key(cfg, split, teacher_checkpoints, rt.precision, rt.device.type, rt.channels_last,
+                    rt.world)
+    positions = positions_per_epoch(len(split.train), cfg.data.batch_size, cfg.data.drop_last,
+                                    rt.rank, rt.world)
+    k, c = len(cfg.model.teachers), len(split.classes)
+    cache = TeacherCache(folder, key, teachers=k, positions=positions, classes=c, rank=rt.rank)
+    missing = sum(1 for e in range(epochs) if not cache.complete(e))
+    need = cache_bytes(missing, positions, c, k)
+    log(f"teacher cache {folder}: {epochs} epochs x {positions} views x {c} classes x {k} teachers "
+        f"x 2 bytes = {cache_bytes(epochs, positions, c, k) / 1e6:.1f} MB per process; "
+        f"{epochs - missing} epochs there, {need / 1e6:.1f} MB to write")
+    check_space(folder, need)
+    return cache
