@@ -147,6 +147,8 @@ def train_teacher_cmd(no_progress, **kwargs):
 @click.option("--teacher-cache", type=click.Path(file_okay=False),
               help="Folder of the teacher logit cache: read where it holds this run's views, "
                    "else filled as the run goes.")
+@click.option("--no-teacher", is_flag=True,
+              help="Train the student without a teacher (CE only; the paper's Base).")
 @training_options
 @config_options
 @run_options
@@ -171,6 +173,69 @@ def cache_teachers_cmd(**kwargs):
     `distill --teacher-cache` replays them (sweeps over teacher weights, the loss, students)."""
     from .commands.train import cache_teachers
     click.echo(json.dumps(cache_teachers(**kwargs)))
+
+
+@main.command("sweep")
+@click.argument("data", type=click.Path(path_type=str))
+@click.option("--train-ratio", required=True, type=click.FloatRange(0, 1, min_open=True, max_open=True))
+@click.option("--seeds", default="0,1,2", show_default=True,
+              help="Comma list; a seed draws the split and seeds the runs.")
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="Sweep folder.")
+@click.option("--vary", multiple=True, metavar="KEY=V1,V2",
+              help="A setting's values; several --vary give their product (repeatable).")
+@click.option("--table", type=click.Choice(["6", "7", "9"]),
+              help="The paper's recipe: 6 (EfficientNet-B3's weight), 7 (loss ratio R), 9 (ablation).")
+@click.option("--print-commands", is_flag=True, help="Print the command lines in order instead of running them.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Passed to every run.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (epoch lines stay).")
+@run_options
+@one_line_errors
+def sweep_cmd(data, train_ratio, seeds, out_dir, vary, table, print_commands, overrides, no_progress,
+              **flags):
+    """The study for each seed: split, teachers, then the grid of student runs, each an ordinary
+    run folder; finished steps are skipped and started ones resumed."""
+    from pathlib import Path
+
+    from .commands.sweep import ensemble_table, plan, run
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{seeds!r}: give seeds as 0,1,2", param_hint="--seeds") from None
+    options = [a for o in overrides for a in ("--set", o)] + (["--no-progress"] if no_progress else [])
+    for name, value in flags.items():
+        if value is not None:
+            options += ([f"--{'compile' if value else 'no-compile'}"] if name == "compile_"
+                        else [f"--{name.replace('_', '-')}", str(value)])
+    steps = plan(data, train_ratio, seed_list, out_dir, vary=vary, table=table, options=options)
+    if print_commands:
+        click.echo("\n".join(step.line() for step in steps))
+        return
+
+    def invoke(argv):
+        try:
+            main(argv, standalone_mode=False)
+        except SystemExit as exc:
+            if exc.code:
+                raise SystemExit(exc.code) from None
+
+    counts = run(steps, invoke, lambda line: click.echo(line, err=True))
+    if table == "6":
+        for seed in seed_list:
+            ensemble_table(Path(out_dir) / f"seed-{seed}", options, device=flags.get("device") or "auto")
+    click.echo(json.dumps({"steps": len(steps), **counts}))
+
+
+@main.command("report")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--out", "out_dir", type=click.Path(), help="Folder for the report (default: PATHS[0]/report).")
+@one_line_errors
+def report_cmd(paths, out_dir):
+    """Mean +- std over seeds per configuration (last and best OA, training loss, agreement,
+    per-class accuracy), as Markdown and CSV, with training curves per configuration."""
+    from .commands.report import report
+    r = report(paths, out_dir)
+    click.echo(r["markdown"])
+    click.echo(f"report: {r['out']}", err=True)
 
 
 @main.command("evaluate")

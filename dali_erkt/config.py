@@ -396,14 +396,14 @@ def _nested(key: str, value: Any) -> dict:
     return nested
 
 
-def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...], validate: bool = True) -> Config:
     """Apply `section.key=value` strings (`vsm.cutmix.p=0.5`, `data.batch_size=64`)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, value = item.split("=", 1)
         _update(cfg, _nested(key, value), "")
-    return cfg.validate()
+    return cfg.validate() if validate else cfg
 
 
 def _merge(base: dict, top: dict) -> dict:
@@ -428,8 +428,9 @@ def resolve_config(default_preset: str = "erkt", config_path: str | Path | None 
     data = _merge(base or {}, read_config_file(config_path) if config_path else {})
     if preset is not None:
         data = {k: v for k, v in data.items() if k != "preset"}
-    cfg = from_dict(data, preset or data.get("preset") or default_preset)
-    apply_overrides(cfg, overrides)
+    cfg = default_config(preset or str(data.get("preset") or default_preset))
+    _update(cfg, data, "")
+    apply_overrides(cfg, overrides, validate=False)  # validated once, with every layer applied
     for key, value in (flags or {}).items():
         if value is not None:
             _update(cfg, _nested(key, value), "")

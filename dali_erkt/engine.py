@@ -188,7 +188,7 @@ def fit(cfg: Config, split: Split, out_dir, task, rt: Runtime, resume: bool = Fa
     start, history, best = (0, [], {"oa": -1.0, "epoch": -1}) if state is None else \
         (state["epoch"] + 1, state["history"], state["best"])
     # The teacher is frozen: its test predictions are computed once, for the agreement metric.
-    teacher_preds = task.test_predictions(s.test_loader, rt) if rt.main and task.kind == "student" else None
+    teacher_preds = task.test_predictions(s.test_loader, rt) if rt.main else None
     epochs, name, t_run = cfg.optim.epochs, f"{task.kind} {cfg.model.arch}", time.time()
     for epoch in range(start, epochs):
         lr = cosine_lr(cfg.optim.lr, epoch, epochs, cfg.optim.schedule)
@@ -210,7 +210,9 @@ def fit(cfg: Config, split: Split, out_dir, task, rt: Runtime, resume: bool = Fa
         if rt.main and ((epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == epochs):
             with _failures(epoch, run, rt, cfg):
                 preds, targets = predict(s.model, s.test_loader, rt)
-            record["oa"] = scores(preds, targets, len(split.classes))["oa"]
+            ev = scores(preds, targets, len(split.classes))
+            record["oa"] = ev["oa"]
+            record["per_class"] = [None if v != v else v for v in ev["per_class"]]  # NaN: no image
             if teacher_preds is not None:
                 record["agreement"] = agreement(preds, teacher_preds)
             if record["oa"] > best["oa"]:
@@ -317,4 +319,5 @@ def _summary(kind, arch, classes, history, best, rt: Runtime, seconds) -> dict:
             "best_oa": best["oa"] if best["epoch"] > 0 else None, "best_epoch": best["epoch"],
             "agreement": last.get("agreement"), "precision": rt.precision, "device": str(rt.device),
             "images_per_s": history[-1]["images_per_s"] if history else None,
-            "seconds": round(seconds, 2)}
+            "seconds": round(seconds, 2),
+            "per_class": dict(zip(classes, last["per_class"])) if "per_class" in last else None}

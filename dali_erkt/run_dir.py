@@ -2,6 +2,7 @@
 
     config.yaml    the fully resolved configuration (`--config` it to rerun)
     log.jsonl      one line per epoch, rewritten whole from the checkpointed history
+    log.csv        the same, one row per epoch (what timm's summary.csv users expect)
     last.pt        everything needed to continue: model, optimizer, scaler, RNG, history, best
     best.pt        the same at the best test OA so far
     summary.json   last-epoch OA and best OA, each with its epoch
@@ -74,9 +75,15 @@ class RunDir:
         self.write_log(state["history"])
 
     def write_log(self, history: list) -> None:
-        """log.jsonl, rewritten whole from the checkpointed history (no duplicates after a resume)."""
-        if self.main:
-            atomic_write_text(self.log, "".join(json.dumps(r) + "\n" for r in history))
+        """log.jsonl and log.csv, rewritten whole from the checkpointed history (no duplicates
+        after a resume)."""
+        if not self.main:
+            return
+        atomic_write_text(self.log, "".join(json.dumps(r) + "\n" for r in history))
+        columns = list(dict.fromkeys(k for r in history for k in r if not isinstance(r[k], list)))
+        rows = [",".join(columns)] + [",".join("" if r.get(c) is None else str(r.get(c)) for c in columns)
+                                      for r in history]
+        atomic_write_text(self.path / "log.csv", "\n".join(rows) + "\n")
 
     def write_summary(self, summary: dict) -> None:
         if self.main:

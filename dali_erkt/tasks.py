@@ -22,8 +22,13 @@ def compiled(module, rt: Runtime):
 
 
 class Supervised:
-    """CutMix cross-entropy: how each teacher is fine-tuned on the split."""
-    kind, parts = "teacher", ("loss", "ce")
+    """CutMix cross-entropy: how each teacher is fine-tuned on the split, and a student trained
+    without a teacher (`kind="student"`: the paper's Base). `ce_weight` scales the loss, so a
+    distillation whose teacher term has weight 0 (loss.ratio = 2: 2 * CE) is this task exactly."""
+    parts = ("loss", "ce")
+
+    def __init__(self, kind: str = "teacher", ce_weight: float = 1.0):
+        self.kind, self.ce_weight = kind, ce_weight
 
     def prepare(self, rt: Runtime, loader) -> None:
         pass
@@ -34,9 +39,12 @@ class Supervised:
     def end_epoch(self, epoch: int) -> None:
         pass
 
+    def test_predictions(self, loader, rt: Runtime) -> None:
+        return None  # no teacher to agree with
+
     def losses(self, model, images, batch) -> dict:
         ce = cutmix_cross_entropy(model(images), batch.labels, batch.partner_labels, batch.mix_weight)
-        return {"loss": ce, "ce": ce}
+        return {"loss": ce if self.ce_weight == 1.0 else self.ce_weight * ce, "ce": ce}
 
 
 class Distillation:

@@ -51,8 +51,19 @@ def cache_key(cfg: Config, split: Split, teacher_checkpoints, precision: str, de
         "teachers": list(cfg.model.teachers),
         "teacher_sha256": [file_sha256(p) for p in teacher_checkpoints],
         "precision": precision, "device": device_type, "channels_last": channels_last,
-        "world": world,
+        "world": world, "versions": _versions(),
     }
+
+
+def _versions() -> dict:
+    """The code that makes the views and runs the teachers (a new version may round otherwise)."""
+    import nvidia.dali
+    import timm
+    import torch
+
+    from . import __version__
+    return {"dali_erkt": __version__, "dali": nvidia.dali.__version__, "torch": torch.__version__,
+            "timm": timm.__version__}
 
 
 class TeacherCache:

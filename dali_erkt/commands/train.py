@@ -33,11 +33,24 @@ def train_teacher(split_dir, arch, out_dir, *, weights=None, pretrained=False, r
 
 def distill(split_dir, out_dir, *, teacher_dir=None, teachers=(), weights=None, pretrained=False,
             resume=False, allow_changes=False, progress=True, config_path=None, teacher_cache=None,
-            **options) -> dict:
+            no_teacher=False, **options) -> dict:
     """Distil the frozen teacher ensemble into the student (the VSM + CE + DIST); with
-    `teacher_cache`, the teachers' logits are read from it where it holds them, else written."""
+    `teacher_cache`, the teachers' logits are read from it where it holds them, else written.
+    `no_teacher` (or loss.ratio = 2, where the teacher's term has weight 0) trains the student
+    on its own, without running any teacher: the paper's Base."""
+    flags = weights_flags(weights, pretrained)
+    if no_teacher:
+        flags.update({"model.teachers": (), "model.teacher_weights": ()})
     cfg = config_from_options("erkt", config_path=resume_base(resume, out_dir, config_path),
-                              extra_flags=weights_flags(weights, pretrained), **options)
+                              extra_flags=flags, **options)
+    if no_teacher or cfg.loss.ratio == 2.0:
+        task = Supervised(kind="student", ce_weight=cfg.loss.ratio if not no_teacher else 1.0)
+        rt = resolve_runtime(cfg.run)
+        try:
+            return fit(cfg, load_split(split_dir), out_dir, task, rt, resume=resume,
+                       allow_changes=allow_changes, progress=progress)
+        finally:
+            close_process_group()
     split, paths, ensemble = _teachers(cfg, split_dir, teacher_dir, teachers)
     rt = resolve_runtime(cfg.run)
     try:
