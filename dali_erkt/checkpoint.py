@@ -132,14 +132,15 @@ def _listing(keys: list[str], n: int = 3) -> str:
 
 
 def load_weights(model: nn.Module, path, arch: str | None = None,
-                 allow_head_mismatch: bool = False) -> tuple[int, list[str]]:
+                 allow_head_mismatch: bool = False, note=None) -> tuple[int, list[str]]:
     """Load a weights file into `model` strictly; see `load_state`."""
     state, recorded = _read_state(Path(path))
-    return load_state(model, state, path, arch, recorded, allow_head_mismatch)
+    return load_state(model, state, path, arch, recorded, allow_head_mismatch, note)
 
 
 def load_state(model: nn.Module, state: dict, path, arch: str | None = None,
-               recorded: str | None = None, allow_head_mismatch: bool = False) -> tuple[int, list[str]]:
+               recorded: str | None = None, allow_head_mismatch: bool = False,
+               note=None) -> tuple[int, list[str]]:
     """Load a state dict (read from `path`) into `model` strictly; return (tensors loaded, keys
     left at initialisation).
 
@@ -147,12 +148,18 @@ def load_state(model: nn.Module, state: dict, path, arch: str | None = None,
     `allow_head_mismatch`, a classifier whose class count differs (a user's ImageNet backbone) or
     that is absent is left at its initialisation and everything else loads; otherwise that is an
     error.
+
+    A state dict in the EfficientNet-PyTorch layout (`_conv_stem.weight`, `_blocks.0...`) is
+    mapped onto the model by position (see `_map_by_position`); `note`, where given, receives a
+    one-line account of the mapping.
     """
     if arch is not None and recorded is not None and _base_arch(recorded) != _base_arch(arch):
         raise CheckpointError(f"checkpoint {path} is for {recorded}, expected {arch}")
     state = _strip_prefixes(state)
     own = model.state_dict()
     head = _head_prefix(model)
+    if _is_effnet_pytorch(state, own):
+        state = _map_by_position(state, own, head, path, arch or type(model).__name__, note)
     head_w = f"{head}.weight"
     if head and head_w in state and head_w in own and state[head_w].shape != own[head_w].shape:
         theirs, ours = state[head_w].shape[0], own[head_w].shape[0]
@@ -177,3 +184,46 @@ def load_state(model: nn.Module, state: dict, path, arch: str | None = None,
                               f"{len(wrong)} tensors differ in shape ({_listing(wrong)})")
     model.load_state_dict(state, strict=not skipped)
     return len(state), skipped
+
+
+# ---- the EfficientNet-PyTorch layout (lukemelas/EfficientNet-PyTorch, its Lite packages) --------
+
+_EFFNET_PT_PREFIXES = ("_conv_stem.", "_blocks.")
+_NBT = "num_batches_tracked"
+
+
+def _is_effnet_pytorch(state: dict, own: dict) -> bool:
+    """Keys in the EfficientNet-PyTorch layout, none of which the model has."""
+    return any(k.startswith(_EFFNET_PT_PREFIXES) for k in state) and not any(k in own for k in state)
+
+
+def _map_by_position(state: dict, own: dict, head: str | None, path, name: str, note) -> dict:
+    """`state` renamed to the model's keys by pairing tensors in order, each pair of equal shape
+    (the classifier's may differ: `load_state` then handles it as a head mismatch). BatchNorm
+    counters (`num_batches_tracked`) pair among themselves where both sides have them, else keep
+    the model's. A file without a classifier pairs with the model's tensors before it."""
+    theirs = [(k, v) for k, v in state.items() if not k.endswith(_NBT)]
+    ours = [k for k in own if not k.endswith(_NBT)]
+    is_head = (lambda k: k.startswith(head + ".")) if head else (lambda k: False)
+    body = [k for k in ours if not is_head(k)]
+    if len(theirs) != len(ours) and len(theirs) == len(body):
+        ours = body  # a backbone without its classifier
+    where = f"checkpoint {path} (EfficientNet-PyTorch layout) does not fit {name} by position"
+    if len(theirs) != len(ours):
+        raise CheckpointError(f"{where}: {len(theirs)} tensors vs the model's {len(ours)} "
+                              f"(not counting {_NBT})")
+    for (key, value), ok in zip(theirs, ours):
+        if value.shape != own[ok].shape and not is_head(ok):
+            raise CheckpointError(f"{where}: {key} {tuple(value.shape)} vs {ok} "
+                                  f"{tuple(own[ok].shape)}")
+    mapped = {ok: value for (_, value), ok in zip(theirs, ours)}
+    their_nbt = [v for k, v in state.items() if k.endswith(_NBT)]
+    our_nbt = [k for k in own if k.endswith(_NBT)]
+    paired = len(their_nbt) == len(our_nbt)
+    for i, k in enumerate(our_nbt):
+        mapped[k] = their_nbt[i] if paired else own[k]
+    if note:
+        note(f"weights: {path} is in the EfficientNet-PyTorch layout: {len(theirs)} tensors mapped "
+             f"by position and shape onto {name} ({theirs[0][0]} -> {ours[0]}, ..., "
+             f"{theirs[-1][0]} -> {ours[-1]})" + ("" if paired else f"; {_NBT} kept"))
+    return mapped

@@ -238,6 +238,48 @@ def report_cmd(paths, out_dir):
     click.echo(f"report: {r['out']}", err=True)
 
 
+@main.command("models")
+@click.argument("archs", nargs=-1)
+@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=16))
+@click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda or cuda:N")
+@click.option("--images", type=click.IntRange(min=1), help="Images timed (default 6,300 on a GPU, 64 on the CPU).")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--runs", "latency_runs", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Batch-1 forward passes for the latency (median).")
+@click.option("--at", "at", multiple=True, metavar="ARCH@SIZE",
+              help="Also count ARCH at SIZE px (default efficientnet_b3@300, the paper's figure).")
+@click.option("--no-timing", is_flag=True, help="Parameters and MACs only.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@one_line_errors
+def models_cmd(archs, at, no_timing, as_json, **kwargs):
+    """Table 8: parameters (M), multiply-accumulates (G) and inference time of the student, each
+    teacher, the ensemble, and any timm names given (e.g. resnet18 densenet121 mobilenetv2_100)."""
+    from .commands.models import PAPER_SIZES, format_table, models_table, parse_at
+    result = models_table(archs, at_sizes=parse_at(at) if at else PAPER_SIZES, timing=not no_timing,
+                          note=lambda line: click.echo(line, err=True), **kwargs)
+    click.echo(json.dumps(result) if as_json else format_table(result))
+
+
+@main.command("export")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
+@click.option("--images", "batch_images", multiple=True, type=click.Path(),
+              help="Real inputs for the check: a split folder, an image folder or files (default: random).")
+@click.option("--image-size", type=click.IntRange(min=16), help="Default: the checkpoint's data.image_size.")
+@click.option("--opset", default=18, show_default=True, type=click.IntRange(min=18))
+@click.option("--no-check", is_flag=True, help="Do not compare onnxruntime with PyTorch.")
+@click.option("--force", is_flag=True, help="Replace an existing ONNX file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@one_line_errors
+def export_cmd(checkpoint, onnx_path, batch_images, no_check, as_json, **kwargs):
+    """Export a run's model (a student, or any run's last.pt / best.pt) to ONNX and check it with
+    onnxruntime against PyTorch on a batch of inputs (max abs difference of the logits)."""
+    from .commands.export import export_onnx, format_export
+    images = None if not batch_images else (batch_images[0] if len(batch_images) == 1 else list(batch_images))
+    result = export_onnx(checkpoint, onnx_path, batch_images=images, check=not no_check, **kwargs)
+    click.echo(json.dumps(result) if as_json else format_export(result))
+
+
 @main.command("evaluate")
 @click.option("--split", "split_dir", required=True, type=click.Path(),
               help="Split folder written by `dali-erkt split`.")

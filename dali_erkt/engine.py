@@ -75,7 +75,7 @@ def initial_model(cfg: Config, num_classes: int, rt: Runtime, log) -> torch.nn.M
             raise CheckpointError(f"{m.weights} changed since this configuration recorded it "
                                   f"(SHA-256 {digest[:12]}... vs {m.weights_sha256[:12]}...): "
                                   "pass the original file or --weights again")
-        loaded, skipped = load_weights(model, m.weights, arch=m.arch, allow_head_mismatch=True)
+        loaded, skipped = load_weights(model, m.weights, arch=m.arch, allow_head_mismatch=True, note=log)
         log(f"weights: {loaded} tensors loaded from {m.weights}" +
             (f"; left at initialisation: {', '.join(skipped)}" if skipped else ""))
     return model
