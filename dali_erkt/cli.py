@@ -280,6 +280,45 @@ def export_cmd(checkpoint, onnx_path, batch_images, no_check, as_json, **kwargs)
     click.echo(json.dumps(result) if as_json else format_export(result))
 
 
+@main.command("explain")
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--images", multiple=True, required=True, type=click.Path(),
+              help="An image file or a folder of images (repeatable); at most 64 images in all.")
+@click.option("--label", "labels", multiple=True,
+              help="True class of each image, in --images order (name or index): maps of the true "
+                   "class; otherwise of each model's predicted class.")
+@click.option("--out", default="gradcam.png", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--image-size", type=click.IntRange(min=16), help="Default: the first checkpoint's.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@one_line_errors
+def explain_cmd(checkpoints, images, labels, out, image_size, device, as_json):
+    """Grad-CAM grid (the paper's Figure 10): rows = images, columns = the image and each
+    checkpoint's class-activation map (e.g. the student, then each teacher)."""
+    from .commands import figures
+    result = figures.explain(list(checkpoints), list(images), out, image_size=image_size,
+                             device=device, labels=list(labels) or None)
+    click.echo(json.dumps(result) if as_json else f"grad-cam grid: {result['out']}")
+
+
+@main.command("embed")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--split", "split_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--out", default="tsne.png", show_default=True, type=click.Path(dir_okay=False),
+              help="PNG; the coordinates go to the same name with .csv.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--perplexity", default=30.0, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@one_line_errors
+def embed_cmd(checkpoint, split_dir, out, device, perplexity, seed, as_json):
+    """t-SNE map (the paper's Figures 11-12) of a model's penultimate features on the test split,
+    coloured by class."""
+    from .commands import figures
+    result = figures.embed(checkpoint, split_dir, out, device=device, perplexity=perplexity, seed=seed)
+    click.echo(json.dumps(result) if as_json else f"t-SNE map: {result['png']}, coordinates: {result['csv']}")
+
+
 @main.command("evaluate")
 @click.option("--split", "split_dir", required=True, type=click.Path(),
               help="Split folder written by `dali-erkt split`.")

@@ -57,12 +57,16 @@ def cache_key(cfg: Config, split: Split, teacher_checkpoints, precision: str, de
 
 def _versions() -> dict:
     """The code that makes the views and runs the teachers (a new version may round otherwise)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import nvidia.dali
     import timm
     import torch
-
-    from . import __version__
-    return {"dali_erkt": __version__, "dali": nvidia.dali.__version__, "torch": torch.__version__,
+    try:
+        ours = version("dali-erkt")
+    except PackageNotFoundError:  # run from a source tree without installing
+        ours = "source"
+    return {"dali_erkt": ours, "dali": nvidia.dali.__version__, "torch": torch.__version__,
             "timm": timm.__version__}
 
 
