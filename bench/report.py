@@ -16,7 +16,9 @@ import torch
 
 FIGURES = (
     ("loader.dali_gpu", "loader: DALI, GPU decode + ops"),
+    ("loader.dali_reference_gpu", "loader: DALI reference, GPU"),
     ("loader.dali_cpu", "loader: DALI, CPU only"),
+    ("loader.dali_reference_cpu", "loader: DALI reference, CPU"),
     ("loader.torchvision", "loader: torchvision DataLoader"),
     ("teacher.fp32_nchw_eager", "teacher fwd: fp32 NCHW eager"),
     ("teacher.amp_cl_eager", "teacher fwd: autocast CL eager"),
@@ -28,12 +30,20 @@ FIGURES = (
     ("distill.torchvision_fast", "distill: torchvision + fast step"),
 )
 # Each ratio: (numerator figure, denominator figure), both in images/s.
+# dali_vs_reference_*: the plan-driven pipeline against bench/reference.py's, which draws its
+# parameters with DALI's own random operators and reads with fn.readers.file.
 RATIOS = {"dali_vs_ceiling": ("distill.dali", "distill.synthetic"),
-          "dali_vs_paper": ("distill.dali", "distill.paper_style")}
+          "dali_vs_paper": ("distill.dali", "distill.paper_style"),
+          "dali_vs_reference_gpu": ("loader.dali_gpu", "loader.dali_reference_gpu"),
+          "dali_vs_reference_cpu": ("loader.dali_cpu", "loader.dali_reference_cpu"),
+          "dali_cpu_vs_torchvision": ("loader.dali_cpu", "loader.torchvision")}
 MEMORY = ("memory.torch_peak_gib", "memory.torch_peak_reserved_gib", "memory.device_used_gib",
           "memory.device_total_gib")
 # The claims for a GPU run: (label, ratio or memory key, bound, batch sizes it applies to).
 TARGETS = (("dali_vs_ceiling >= 0.95", "dali_vs_ceiling", 0.95, None),
+           ("dali_vs_reference_gpu >= 0.9", "dali_vs_reference_gpu", 0.9, None),
+           ("dali_vs_reference_cpu >= 0.9", "dali_vs_reference_cpu", 0.9, None),
+           ("dali_cpu_vs_torchvision >= 1.0", "dali_cpu_vs_torchvision", 1.0, None),
            ("dali_vs_paper >= 3.0", "dali_vs_paper", 3.0, (30,)),
            ("dali_vs_paper >= 2.5", "dali_vs_paper", 2.5, (128,)),
            ("memory.device_used_gib < 5.0", "memory.device_used_gib", 5.0, (30,)))
@@ -109,7 +119,9 @@ def metadata(args, bench, batches, dataset_meta) -> dict:
             "channels_last": rt.channels_last, "preset": cfg.preset, "teachers": list(m.teachers),
             "teacher_weights": list(m.teacher_weights), "combine": m.combine, "student": m.arch,
             "loader_fed_iters": b.tv_iters, "loader_fed_warmup": b.tv_warmup,
+            "dali_loader_warmup": b.dali_warmup,
             "compiled_warmup": b.warm_c, "dali_threads": b.threads, "dali_dtype": cfg.data.dtype,
+            "torch_threads": torch.get_num_threads(),
             "dali_prefetch": cfg.data.prefetch, "settings": settings(b)}
 
 

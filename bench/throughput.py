@@ -2,7 +2,7 @@
 """Throughput of the ERKT distillation loop and its parts, in one run, on one card, on one data set.
 
 Per batch size: images/s of each figure in FIGURES (bench/README.md: usage, what each one runs),
-the ratios dali_vs_ceiling and dali_vs_paper, peak GPU memory around distill.dali, and the DIST
+the ratios in report.RATIOS, peak GPU memory around distill.dali, and the DIST
 kernel timing. A figure that needs a GPU is null on the CPU, with the reason in `notes`. Progress
 goes to stderr; stdout gets only the table, or with --json exactly one JSON object (report.py).
 """
@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: also when imported by path
 from report import FIGURES, MEMORY, batch_result, metadata, stdout_to_stderr, write  # noqa: E402
 from report import table  # noqa: E402,F401  (throughput.table, as before the split)
+from reference import make_loader  # noqa: E402
 
 SELECTABLE = tuple(name for name, _ in FIGURES) + ("kernels.dist",)  # the names --only takes
 GIB, _T0 = 1024 ** 3, time.perf_counter()
@@ -137,10 +138,10 @@ class Bench:
         self.eager_rt = dataclasses.replace(rt, compile=False)
         self.threads = {"gpu": args.threads or cfg.data.num_threads,
                         "cpu": args.threads or max(1, args.workers)}
-        # A DataLoader starts with a burst of workers x prefetch_factor (2) batches made in
-        # parallel; loader-fed loops warm up past it. reduce-overhead records CUDA graphs on the
-        # 2nd and 3rd call: compiled figures warm up past those.
+        # A DataLoader starts with a burst of workers x prefetch_factor (2) batches, DALI with its
+        # prefetched ones: loaders warm up past them; compiled ones past CUDA graphs' calls 2-3.
         self.tv_warmup = max(args.warmup, 2 * args.workers)
+        self.dali_warmup = max(args.warmup, cfg.data.prefetch + 1)
         self.tv_iters = max(args.iters, 2 * args.workers)
         self.warm_c = max(args.warmup, 3) if rt.compile else args.warmup
         torch.manual_seed(0)
@@ -203,21 +204,13 @@ class Bench:
         task = Supervised() if teacher is None else Distillation.from_config(teacher, self.cfg.loss)
         return make_train_step(model, task, opt, rt.grad_scaler(), rt)
 
-    def dali(self, gpu: bool):
-        from dali_erkt.data.loader import DaliLoader
+    def loader(self, kind: str, gpu: bool = False):
+        """bench/reference.py's `make_loader` (dali, reference, torchvision) at this batch."""
         if gpu and not self.gpu:
             raise Skip("needs a CUDA device (DALI's mixed decoder and GPU operators)")
-        data = dataclasses.replace(self.cfg.data, num_threads=self.threads["gpu" if gpu else "cpu"])
-        return DaliLoader.from_config(self.paths, self.labels, dataclasses.replace(self.cfg, data=data),
-                                      device=self.device if gpu else "cpu", train=True, seed=0,
-                                      batch_size=self.b)
-
-    def torchvision(self):
-        from dali_erkt.data.reference import ReferenceLoader
-        d = self.cfg.data
-        return ReferenceLoader(self.paths, self.labels, vsm=self.cfg.vsm, image_size=d.image_size,
-                               batch_size=self.b, mean=d.mean, std=d.std, seed=0,
-                               workers=self.args.workers, drop_last=d.drop_last)
+        return make_loader(kind, cfg=self.cfg, paths=self.paths, labels=self.labels,
+                           batch_size=self.b, threads=self.threads["gpu" if gpu else "cpu"],
+                           workers=self.args.workers, device=self.device if gpu else "cpu")
 
     def timed(self, step, warmup: int | None = None) -> dict:
         return measure(step, self.b, self.args.warmup if warmup is None else warmup,
@@ -251,13 +244,19 @@ class Bench:
         self.memory.update(zip(MEMORY, (round(v / GIB, 3) for v in values)))  # MEMORY's order
 
     def fig_loader_dali_gpu(self):
-        return self.time_loader(self.dali(gpu=True), self.args.warmup, self.args.iters)
+        return self.time_loader(self.loader("dali", gpu=True), self.dali_warmup, self.args.iters)
+
+    def fig_loader_dali_reference_gpu(self):
+        return self.time_loader(self.loader("reference", True), self.dali_warmup, self.args.iters)
 
     def fig_loader_dali_cpu(self):
-        return self.time_loader(self.dali(gpu=False), self.args.warmup, self.tv_iters)
+        return self.time_loader(self.loader("dali"), self.dali_warmup, self.tv_iters)
+
+    def fig_loader_dali_reference_cpu(self):
+        return self.time_loader(self.loader("reference"), self.dali_warmup, self.tv_iters)
 
     def fig_loader_torchvision(self):
-        return self.time_loader(self.torchvision(), self.tv_warmup, self.tv_iters)
+        return self.time_loader(self.loader("torchvision"), self.tv_warmup, self.tv_iters)
 
     def fig_teacher_fp32_nchw_eager(self):
         s = self.cfg.data.image_size
@@ -267,7 +266,7 @@ class Bench:
     def fig_distill_paper_style(self):
         step = self.train_step(self.student, self.teacher, self.paper_rt, fused=False)
         # The reference loader collates channels-last; the paper's loop feeds NCHW.
-        return self.time_loader(self.torchvision(), self.tv_warmup, self.tv_iters,
+        return self.time_loader(self.loader("torchvision"), self.tv_warmup, self.tv_iters,
                                 lambda b: step(b._replace(images=b.images.contiguous())))
 
     def teacher_forward(self, teacher, mark_step: bool = False) -> None:
@@ -300,15 +299,15 @@ class Bench:
     def fig_distill_dali(self):
         step = self.fast_step()
         if not self.gpu:
-            return self.time_loader(self.dali(gpu=False), self.warm_c, self.args.iters, step)
+            return self.time_loader(self.loader("dali"), self.warm_c, self.args.iters, step)
         self.free()
         torch.cuda.reset_peak_memory_stats(self.device)
-        return self.time_loader(self.dali(gpu=True), self.warm_c, self.args.iters, step,
+        return self.time_loader(self.loader("dali", gpu=True), self.warm_c, self.args.iters, step,
                                 before_close=self.read_memory)
 
     def fig_distill_torchvision_fast(self):
-        return self.time_loader(self.torchvision(), max(self.tv_warmup, self.warm_c), self.tv_iters,
-                                self.fast_step())
+        return self.time_loader(self.loader("torchvision"), max(self.tv_warmup, self.warm_c),
+                                self.tv_iters, self.fast_step())
 
     def fig_teacher_compiled(self):
         if not self.rt.compile:
@@ -342,7 +341,8 @@ class Bench:
         from dali_erkt.engine import compiled
         self.b, self.res, self.memory = batch, {}, dict.fromkeys(MEMORY)
         self.compile_s = {"distill_step": None, "teacher": None}
-        self.measure_all("loader.dali_gpu", "loader.dali_cpu", "loader.torchvision")
+        self.measure_all("loader.dali_gpu", "loader.dali_reference_gpu", "loader.dali_cpu",
+                         "loader.dali_reference_cpu", "loader.torchvision")
         self.reset(channels_last=False)
         self.measure_all("teacher.fp32_nchw_eager", "distill.paper_style")
         self.reset(channels_last=self.rt.channels_last)
@@ -408,7 +408,7 @@ def main(argv=None) -> int:
             cfg = resolve_config("erkt", preset=args.preset, overrides=args.overrides, flags={
                 "data.image_size": args.image_size, "run.device": args.device,
                 "run.compile": compile_flag})
-            rt = resolve_runtime(cfg.run)
+            rt = resolve_runtime(cfg.run, args.threads or args.workers)  # CPU: torch's threads too
             if rt.device.type == "cuda":
                 torch.cuda.set_device(rt.device)
             paths, labels, classes, dmeta = load_dataset(args, rt.device, Path(tmp))

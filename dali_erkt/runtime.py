@@ -10,6 +10,16 @@ The CPU gets fp32 unless bf16 is asked for.
 Processes: under `torchrun` (WORLD_SIZE > 1) each process gets its rank's device (cuda:LOCAL_RANK,
 or the CPU) and the process group is started with the backend that device needs (nccl on CUDA,
 gloo on the CPU).
+
+CPU threads: on the CPU device the model step (torch's intra-op threads) and the DALI pipeline
+(its own thread pool, prefetching the next batches meanwhile) share the process's cores. Together
+they never ask for more threads than there are cores (`thread_split`): torch's OpenMP threads wait
+for each other at every operator, so one of them descheduled stalls the rest (2 cores, one
+resnet18 step at batch 30, 64 px, with the DALI loader running and other processes busy: about
+1.5 s with 2 torch threads against 0.4-0.6 s with 1; on an idle machine 2 threads were 1.3-1.6x
+faster, bench/RESULTS.md). The split is applied where `resolve_runtime` is given DALI's threads
+(the benchmark does); the commands leave torch's default, which was faster on an idle 2-core
+machine. OMP_NUM_THREADS, where set, wins.
 """
 from __future__ import annotations
 
@@ -35,6 +45,9 @@ class Runtime:
     channels_last: bool = True
     rank: int = 0
     world: int = 1
+    # The DALI pipeline's threads within this process's share of the cores (thread_split on the
+    # CPU device; as asked on CUDA). None: not resolved (a Runtime built by hand).
+    dali_threads: int | None = None
 
     @property
     def main(self) -> bool:
@@ -122,8 +135,45 @@ def use_compile(setting: str, device: torch.device) -> bool:
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
-def resolve_runtime(run) -> Runtime:
-    """The runtime of a `RunConfig`; under torchrun, also starts this process's group."""
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask; os.cpu_count() where unknown)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def thread_split(cores: int, dali_threads: int) -> tuple[int, int]:
+    """(torch threads, DALI threads) for a CPU run on `cores` cores that asks DALI for
+    `dali_threads` (0: auto, half the cores): DALI gets what it asks for but leaves torch at least
+    one core; torch gets the rest. The two add up to the cores (two, on one core)."""
+    cores = max(1, int(cores))
+    want = max(1, cores // 2) if dali_threads <= 0 else int(dali_threads)
+    dali = max(1, min(want, cores - 1))
+    return max(1, cores - dali), dali
+
+
+def set_cpu_threads(device: torch.device, dali_threads: int | None, local_world: int = 1) -> int:
+    """Apply thread_split on the CPU device (this process's share of the cores when several
+    processes share the machine) and return DALI's threads; on CUDA, DALI's threads as asked
+    (0: half the cores, at most 8), torch's left alone (it runs few CPU operators there).
+    OMP_NUM_THREADS, where set, keeps torch's threads."""
+    if dali_threads is None:  # not asked: torch keeps its own default (see the module's note)
+        return None
+    asked = int(dali_threads)
+    if device.type != "cpu":
+        return asked if asked > 0 else max(1, min(8, available_cores() // 2))
+    torch_threads, dali = thread_split(available_cores() // max(1, local_world), asked)
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(torch_threads)
+    return dali
+
+
+def resolve_runtime(run, dali_threads: int | None = None) -> Runtime:
+    """The runtime of a `RunConfig`; under torchrun, also starts this process's group.
+    `dali_threads` is `data.num_threads` (None: its default); on the CPU device torch's threads
+    are set so that torch and DALI together ask for no more threads than cores, and
+    `Runtime.dali_threads` is DALI's share (give it to the loader)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(run.device)
     rank = 0
@@ -135,9 +185,11 @@ def resolve_runtime(run) -> Runtime:
         init_process_group(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     return Runtime(device=device, precision=choose_precision(device, run.precision),
                    compile=use_compile(run.compile, device), compile_mode=run.compile_mode,
-                   channels_last=run.channels_last, rank=rank, world=world)
+                   channels_last=run.channels_last, rank=rank, world=world,
+                   dali_threads=set_cpu_threads(device, dali_threads, local_world))
 
 
 # --------------------------------------------------------------------------------------------

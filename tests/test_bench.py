@@ -15,10 +15,12 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "throughput.py"
 
-FIGURES = ("loader.dali_gpu", "loader.dali_cpu", "loader.torchvision", "teacher.fp32_nchw_eager",
+FIGURES = ("loader.dali_gpu", "loader.dali_reference_gpu", "loader.dali_cpu",
+           "loader.dali_reference_cpu", "loader.torchvision", "teacher.fp32_nchw_eager",
            "teacher.amp_cl_eager", "teacher.compiled", "student.step", "distill.synthetic",
            "distill.paper_style", "distill.dali", "distill.torchvision_fast")
-GPU_ONLY = ("loader.dali_gpu", "teacher.compiled")  # teacher.compiled: unless --compile-cpu
+# teacher.compiled: unless --compile-cpu
+GPU_ONLY = ("loader.dali_gpu", "loader.dali_reference_gpu", "teacher.compiled")
 MEMORY = ("memory.torch_peak_gib", "memory.torch_peak_reserved_gib", "memory.device_used_gib")
 
 
@@ -58,11 +60,13 @@ def test_every_figure_present_numbers_or_null_with_note(run):
             else:
                 assert fig is not None, f"{name} at batch {batch}: {notes.get(name)}"
                 assert fig["images_per_s"] > 0 and fig["images"] >= int(batch) and fig["seconds"] > 0
-        for key in ("dali_vs_ceiling", "dali_vs_paper"):
-            value = res["ratios"][key]
-            assert value is None or value > 0
-        # Both ratios have their inputs on the CPU, so they are numbers here.
-        assert res["ratios"]["dali_vs_ceiling"] is not None
+        for key, value in res["ratios"].items():
+            assert value is None or value > 0, key
+        # These ratios have their inputs on the CPU, so they are numbers here; the GPU one is null.
+        for key in ("dali_vs_ceiling", "dali_vs_paper", "dali_vs_reference_cpu",
+                    "dali_cpu_vs_torchvision"):
+            assert res["ratios"][key] is not None, key
+        assert res["ratios"]["dali_vs_reference_gpu"] is None
         assert all(res["memory"][k] is None for k in MEMORY) and notes.get("memory")
         assert res["kernels.dist"]["torch_ms"] is None  # CUDA events only
         assert all(v is None for v in res["targets"].values())  # GPU claims: not judged on a CPU
@@ -114,9 +118,31 @@ def test_only_measures_just_the_named_figures():
             assert fig["images_per_s"] > 0 and fig["images"] >= 2 and fig["seconds"] > 0
         else:  # not run: absent, or null with a note
             assert fig is None and (name not in res["figures"] or report["notes"].get(name)), name
+    # Only the ratio of the two loaders measured is a number.
+    assert res["ratios"].pop("dali_cpu_vs_torchvision") > 0
     assert all(v is None for v in res["ratios"].values()) and res["kernels.dist"] is None
     text = _module().table(report)
     assert "loader: DALI, CPU only" in text and "distill: paper-style loop" not in text
+
+
+def test_ci_loader_comparison_gives_its_figures_and_ratios():
+    """The issue's CI command, at a small image size: the plan-driven DALI CPU pipeline, the
+    reference DALI pipeline and the torchvision twin, side by side, and the ratios between them."""
+    only = ("loader.dali_cpu", "loader.dali_reference_cpu", "loader.torchvision")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--image-size", "48",
+                           "--batch", "6", "--iters", "2", "--warmup", "1", "--workers", "1",
+                           "--only", ",".join(only), "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)["results"]["6"]
+    for name in only:
+        assert res["figures"][name]["images_per_s"] > 0, name
+    for key in ("dali_vs_reference_cpu", "dali_cpu_vs_torchvision"):
+        assert res["ratios"][key] > 0, key
+    expected = res["figures"]["loader.dali_cpu"]["images_per_s"] / \
+        res["figures"]["loader.dali_reference_cpu"]["images_per_s"]
+    assert res["ratios"]["dali_vs_reference_cpu"] == pytest.approx(expected, rel=1e-3)
+    assert res["ratios"]["dali_vs_reference_gpu"] is None  # its figures were not run
 
 
 def test_unknown_only_name_is_a_one_line_error():

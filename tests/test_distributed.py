@@ -88,8 +88,8 @@ def test_two_processes_train_disjoint_shards_with_equal_weights_and_resume(split
     assert sorted(shards[0] + shards[1]) == list(range(len(split.train)))
 
     # One set of files, written by rank 0 alone; the log counts the whole epoch once.
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.yaml", "last.pt", "log.jsonl",
-                                                     "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.yaml", "last.pt", "log.csv",
+                                                     "log.jsonl", "summary.json"]
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 1 and log[0]["train_images"] == len(split.train) and "oa" in log[0]
 

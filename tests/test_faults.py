@@ -46,9 +46,11 @@ def one_error_line(r, *words, code=2):
     return lines[0]
 
 
-def consistent(run: Path):
-    """Every checkpoint loads, no temporary file is left, summary and log agree with last.pt."""
-    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+def consistent(run: Path, killed: bool = False):
+    """Every checkpoint loads, no temporary file is left (a kill may leave one, which the next
+    --resume removes), summary and log agree with last.pt."""
+    if not killed:
+        assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
     state = load_checkpoint(run / "last.pt") if (run / "last.pt").exists() else None
     for name in ("last.pt", "best.pt"):
         if (run / name).exists():
@@ -247,7 +249,7 @@ def test_kill_9_at_random_moments_then_resume(data, reference, tmp_path):
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
         proc.wait()
-        consistent(out) if (out / "last.pt").exists() else None
+        consistent(out, killed=True) if (out / "last.pt").exists() else None
     r = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
     if "has finished all" in r.stderr:  # the last kill came after the run had completed
         assert r.returncode == 2

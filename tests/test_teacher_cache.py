@@ -37,7 +37,7 @@ def setup(tmp_path_factory):
 
 def distill(root, out, *extra):
     args = ["distill", "--split", root / "split", "--teachers", root / "t", "--out", out, "--device", "cpu",
-            "--image-size", SIZE, "--batch-size", 5, "--epochs", 2, "--lr", 1e-3, "--no-progress",
+            "--image-size", SIZE, "--batch-size", 5, "--epochs", 2, "--lr", 2e-4, "--no-progress",
             "--set", "model.teachers=[resnet10t,resnet14t]", "--set", f"model.arch={ARCH}", *extra]
     r = cli(*args)
     assert r.exit_code == 0, r.output
@@ -76,10 +76,10 @@ def test_replay_with_other_weights_equals_an_uncached_run(setup, tmp_path, monke
     no_teacher_forward(monkeypatch)
     replayed, _ = distill(setup, tmp_path / "replay", "--teacher-cache", cache,
                           "--set", "model.teacher_weights=[0.8,0.2]", "--set", "model.combine=probs")
-    # The uncached run's teacher logits are fp32, the cache's fp16 (rounding: about 5e-4 relative).
-    # Measured: the first epoch's losses agree within 8e-4; training amplifies the difference to
-    # 7e-3 by the second epoch (lr 1e-3, 3 classes), so that epoch gets 1e-2.
-    for tol, a, b in zip((1e-3, 1e-2), uncached, replayed):
+    # The uncached run's teacher logits are fp32, the cache's fp16 (rounding: about 5e-4 relative
+    # of a logit). Measured at the paper's lr 2e-4: losses within 1e-5 (epoch 1) and 6e-5 (epoch 2)
+    # relative. (At lr 1e-3 training amplifies it to about 1e-2 by epoch 2: a chaotic trajectory.)
+    for tol, a, b in zip((1e-3, 1e-3), uncached, replayed):
         for part in ("loss", "ce", "inter", "intra"):
             assert b[part] == pytest.approx(a[part], rel=tol), part
         assert b["agreement"] == pytest.approx(a["agreement"], abs=1 / 15)  # 15 test images
