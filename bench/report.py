@@ -27,12 +27,14 @@ FIGURES = (
     ("distill.synthetic", "distill: synthetic input (ceiling)"),
     ("distill.paper_style", "distill: paper-style loop"),
     ("distill.dali", "distill: DALI + fast step"),
+    ("distill.cached", "distill: DALI + teacher cache + student"),
     ("distill.torchvision_fast", "distill: torchvision + fast step"),
 )
 # Each ratio: (numerator figure, denominator figure), both in images/s.
 # dali_vs_reference_*: the plan-driven pipeline against bench/reference.py's, which draws its
 # parameters with DALI's own random operators and reads with fn.readers.file.
 RATIOS = {"dali_vs_ceiling": ("distill.dali", "distill.synthetic"),
+          "cached_vs_dali": ("distill.cached", "distill.dali"),
           "dali_vs_paper": ("distill.dali", "distill.paper_style"),
           "dali_vs_reference_gpu": ("loader.dali_gpu", "loader.dali_reference_gpu"),
           "dali_vs_reference_cpu": ("loader.dali_cpu", "loader.dali_reference_cpu"),

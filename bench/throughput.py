@@ -305,6 +305,37 @@ class Bench:
         return self.time_loader(self.loader("dali", gpu=True), self.warm_c, self.args.iters, step,
                                 before_close=self.read_memory)
 
+    def fig_distill_cached(self):
+        """DALI + the student step, the teachers' logits replayed from a teacher cache (rows of
+        the right shape; their values do not change the time), moved to the device per epoch."""
+        import numpy as np
+
+        from dali_erkt.engine import make_optimizer, make_train_step
+        from dali_erkt.tasks import Distillation
+        from dali_erkt.teacher_cache import TeacherCache
+        loader = self.loader("dali", gpu=self.gpu)
+        k, c, n = len(self.cfg.model.teachers), len(self.classes), loader.batches_per_epoch * self.b
+        with tempfile.TemporaryDirectory(prefix="dali-erkt-cache-") as folder:
+            cache = TeacherCache(folder, {"bench": 1}, teachers=k, positions=n, classes=c)
+            for epoch in range(-(-(self.warm_c + self.args.iters) // loader.batches_per_epoch) + 1):
+                cache.write_epoch(epoch, np.zeros((k, n, c), dtype=np.float16))
+            task = Distillation.from_config(self.teacher, self.cfg.loss, cache)
+            task.prepare(self.rt, loader)
+            opt = make_optimizer(self.student, self.cfg.optim.lr, self.cfg.optim.weight_decay, self.device)
+            step = make_train_step(self.student_c, task, opt, self.rt.grad_scaler(), self.rt)
+
+            def batches():
+                for epoch in itertools.count():
+                    loader.set_epoch(epoch)
+                    task.begin_epoch(epoch)
+                    yield from loader
+            feed = batches()
+            try:
+                return self.timed(lambda: step(next(feed)), self.warm_c)
+            finally:
+                feed.close()
+                loader.close()
+
     def fig_distill_torchvision_fast(self):
         return self.time_loader(self.loader("torchvision"), max(self.tv_warmup, self.warm_c),
                                 self.tv_iters, self.fast_step())
@@ -349,7 +380,8 @@ class Bench:
         self.fixed = self.synthetic_batch()
         self.measure_all("teacher.amp_cl_eager", "student.step")
         self.student_c, self.teacher_c = (compiled(m, self.rt) for m in (self.student, self.teacher))
-        self.measure_all("distill.synthetic", "distill.dali", "distill.torchvision_fast")
+        self.measure_all("distill.synthetic", "distill.dali", "distill.cached",
+                         "distill.torchvision_fast")
         self.student_c = self.teacher_c = None
         self.reset(channels_last=self.rt.channels_last)
         self.measure_all("teacher.compiled")

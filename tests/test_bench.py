@@ -18,7 +18,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "throughput.py"
 FIGURES = ("loader.dali_gpu", "loader.dali_reference_gpu", "loader.dali_cpu",
            "loader.dali_reference_cpu", "loader.torchvision", "teacher.fp32_nchw_eager",
            "teacher.amp_cl_eager", "teacher.compiled", "student.step", "distill.synthetic",
-           "distill.paper_style", "distill.dali", "distill.torchvision_fast")
+           "distill.paper_style", "distill.dali", "distill.cached", "distill.torchvision_fast")
 # teacher.compiled: unless --compile-cpu
 GPU_ONLY = ("loader.dali_gpu", "loader.dali_reference_gpu", "teacher.compiled")
 MEMORY = ("memory.torch_peak_gib", "memory.torch_peak_reserved_gib", "memory.device_used_gib")
@@ -158,3 +158,12 @@ def test_bad_device_is_a_one_line_error():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert "error:" in proc.stderr and "tpu" in proc.stderr
+
+
+def test_cached_replay_is_measured_beside_distill_dali(run):
+    """distill.cached (DALI + teacher-cache rows + the student step) and its ratio to distill.dali."""
+    for res in json.loads(run[0].stdout)["results"].values():
+        cached, dali = res["figures"]["distill.cached"], res["figures"]["distill.dali"]
+        assert cached["images_per_s"] > 0 and dali["images_per_s"] > 0
+        assert res["ratios"]["cached_vs_dali"] == pytest.approx(
+            cached["images_per_s"] / dali["images_per_s"], rel=1e-3)
