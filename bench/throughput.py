@@ -320,7 +320,7 @@ class Bench:
             for epoch in range(-(-(self.warm_c + self.args.iters) // loader.batches_per_epoch) + 1):
                 cache.write_epoch(epoch, np.zeros((k, n, c), dtype=np.float16))
             task = Distillation.from_config(self.teacher, self.cfg.loss, cache)
-            task.prepare(self.rt, loader)
+            task.prepare(self.rt)
             opt = make_optimizer(self.student, self.cfg.optim.lr, self.cfg.optim.weight_decay, self.device)
             step = make_train_step(self.student_c, task, opt, self.rt.grad_scaler(), self.rt)
 

@@ -70,8 +70,11 @@ def initial_model(cfg: Config, num_classes: int, rt: Runtime, log) -> torch.nn.M
     torch.manual_seed(cfg.run.seed + rt.rank)
     model = create_model(m.arch, num_classes, pretrained=m.pretrained)
     if m.weights:
-        digest = file_sha256(m.weights) if _readable(m.weights) else None
-        if m.weights_sha256 and digest and digest != m.weights_sha256:
+        try:
+            digest = file_sha256(m.weights)
+        except OSError:
+            raise CheckpointError(f"weights file {m.weights} cannot be read: check the path") from None
+        if m.weights_sha256 and digest != m.weights_sha256:
             raise CheckpointError(f"{m.weights} changed since this configuration recorded it "
                                   f"(SHA-256 {digest[:12]}... vs {m.weights_sha256[:12]}...): "
                                   "pass the original file or --weights again")
@@ -79,14 +82,6 @@ def initial_model(cfg: Config, num_classes: int, rt: Runtime, log) -> torch.nn.M
         log(f"weights: {loaded} tensors loaded from {m.weights}" +
             (f"; left at initialisation: {', '.join(skipped)}" if skipped else ""))
     return model
-
-
-def _readable(path) -> bool:
-    try:
-        with open(path, "rb"):
-            return True
-    except OSError:
-        raise CheckpointError(f"weights file {path} cannot be read: check the path") from None
 
 
 def train_one_epoch(step, loader, task, rt: Runtime, log_every: int, bar) -> tuple[dict, int]:
@@ -154,7 +149,7 @@ def setup(cfg: Config, split: Split, task, rt: Runtime, state: dict | None, log,
                                    train=True, rank=rt.rank, world=rt.world)
     test = DaliLoader.from_config(split.paths("test"), split.labels("test"), cfg, device=rt.device,
                                   train=False)
-    task.prepare(rt, train)
+    task.prepare(rt)
     return Setup(model, step, optimizer, scaler, train, test)
 
 
@@ -173,7 +168,7 @@ def _load_optimizer(optimizer, saved: dict) -> None:
 def fit(cfg: Config, split: Split, out_dir, task, rt: Runtime, resume: bool = False,
         allow_changes: bool = False, progress: bool = True) -> dict:
     """Train cfg.model.arch on `split` for cfg.optim.epochs with `task`; return the summary."""
-    run, log = RunDir(out_dir, rt.main), _logger(rt)
+    run, log = RunDir(out_dir, rt.main), main_logger(rt)
     state = run.open(resume, log)
     if state is not None:
         _check_resumable(state, cfg, task, split.classes, run, allow_changes, log)
@@ -231,7 +226,7 @@ def fit(cfg: Config, split: Split, out_dir, task, rt: Runtime, resume: bool = Fa
 # Helpers of `fit`.
 # --------------------------------------------------------------------------------------------
 
-def _logger(rt: Runtime):
+def main_logger(rt: Runtime):
     """One line to stderr from the main process (kept apart from the progress bar)."""
     return lambda line: tqdm.write(line, file=sys.stderr) if rt.main else None
 

@@ -106,6 +106,10 @@ class TeacherEnsemble(nn.Module):
         logits = torch.stack([self.members[k](x).float() for k in self._used])  # (K', B, C)
         return combine_logits(logits, self._w, self.combine)
 
+    def combine_members(self, logits: torch.Tensor) -> torch.Tensor:
+        """The ensemble's logits from every member's (K, B, C), e.g. read from a logit cache."""
+        return combine_logits(logits, self.weights.view(-1, 1, 1), self.combine)
+
 
 class MemberLogits(nn.Module):
     """The ensemble's members' logits (K, B, C) as a module's forward (so it compiles as one)."""

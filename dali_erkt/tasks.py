@@ -11,7 +11,7 @@ import torch
 
 from .evaluation import predict
 from .losses import cutmix_cross_entropy, erkt_loss
-from .models import MemberLogits, combine_logits, place
+from .models import MemberLogits, place
 from .runtime import Runtime
 
 
@@ -30,7 +30,7 @@ class Supervised:
     def __init__(self, kind: str = "teacher", ce_weight: float = 1.0):
         self.kind, self.ce_weight = kind, ce_weight
 
-    def prepare(self, rt: Runtime, loader) -> None:
+    def prepare(self, rt: Runtime) -> None:
         pass
 
     def begin_epoch(self, epoch: int) -> None:
@@ -69,11 +69,11 @@ class Distillation:
         return cls(teacher, ratio=loss_cfg.ratio, tau=loss_cfg.tau, tau_squared=loss_cfg.tau_squared,
                    inter_weight=loss_cfg.inter_weight, intra_weight=loss_cfg.intra_weight, cache=cache)
 
-    def prepare(self, rt: Runtime, loader) -> None:
+    def prepare(self, rt: Runtime) -> None:
         """Place and compile the teacher (its ensemble output, or with a cache its members')."""
         self.teacher = place(self.teacher, rt.device, rt.channels_last)
         self._forward = compiled(self.teacher if self.cache is None else MemberLogits(self.teacher), rt)
-        self._device, self._batch_size = rt.device, loader.batch_size
+        self._device = rt.device
 
     def begin_epoch(self, epoch: int) -> None:
         self._cursor = 0
@@ -96,8 +96,7 @@ class Distillation:
         self._cursor += n
         if not self._replay:
             self._rows[:, rows] = self._forward(images).half()
-        t = self.teacher
-        return combine_logits(self._rows[:, rows].float(), t.weights.view(-1, 1, 1), t.combine)
+        return self.teacher.combine_members(self._rows[:, rows].float())
 
     def losses(self, model, images, batch) -> dict:
         target = self.teacher_logits(images, batch.labels.shape[0])
@@ -113,7 +112,7 @@ class Distillation:
             logits = predict_members(self.teacher, loader, rt).cpu().numpy()
             self.cache.write_test(logits)
         members = torch.from_numpy(logits).to(rt.device).float()
-        return combine_logits(members, self.teacher.weights.view(-1, 1, 1), self.teacher.combine).argmax(1)
+        return self.teacher.combine_members(members).argmax(1)
 
 
 @torch.no_grad()
@@ -126,13 +125,11 @@ def predict_members(ensemble, loader, rt: Runtime) -> torch.Tensor:
     return torch.cat(out, dim=1)
 
 
-
-
 def fill_teacher_cache(task: Distillation, loader, test_loader, epochs: int, rt: Runtime, log) -> int:
     """A teachers-only pass over the plan: every epoch the cache lacks, through exactly the
     distillation's own fill path (so the rows are those a distillation would write). Returns the
     number of epochs filled."""
-    task.prepare(rt, loader)
+    task.prepare(rt)
     filled = 0
     for epoch in range(epochs):
         if task.cache.complete(epoch):

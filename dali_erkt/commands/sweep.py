@@ -66,7 +66,7 @@ def grid(vary: list[str], table: str | None) -> list[tuple[str, list[str]]]:
 def plan(data, train_ratio: float, seeds, out, *, vary=(), table=None, options=()) -> list[Step]:
     """Every step of the sweep, in order. `options` are passed to every training command."""
     options = [str(o) for o in options]
-    cfg = resolve_config("erkt", overrides=[options[i + 1] for i, o in enumerate(options) if o == "--set"])
+    cfg = resolve_config("erkt", overrides=_sets(options))
     steps = []
     for seed in seeds:
         root = Path(out) / f"seed-{seed}"
@@ -90,6 +90,11 @@ def plan(data, train_ratio: float, seeds, out, *, vary=(), table=None, options=(
                 argv += ["--teacher-cache", str(root / f"cache-{tag}")]
             steps.append(Step("student", argv, folder, "summary.json"))
     return steps
+
+
+def _sets(options: list[str]) -> list[str]:
+    """The `--set` values among a command line's options."""
+    return [options[i + 1] for i, o in enumerate(options) if o == "--set"]
 
 
 def run(steps: list[Step], invoke, log) -> dict:
@@ -123,8 +128,7 @@ def ensemble_table(seed_root: Path, options=(), device: str = "auto") -> dict:
     from ..runtime import resolve_runtime
     from ..tasks import predict_members
 
-    options = [str(o) for o in options]
-    sets = [options[i + 1] for i, o in enumerate(options) if o == "--set"]
+    sets = _sets([str(o) for o in options])
     teachers = resolve_config("erkt", overrides=sets).model.teachers
     paths = [seed_root / "teachers" / a / "last.pt" for a in teachers]
     stored = load_checkpoint(paths[0])["config"]  # the teachers' image size and normalisation

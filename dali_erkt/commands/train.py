@@ -1,15 +1,14 @@
 """`train-teacher` and `distill`: resolve the configuration and the runtime, build the task, fit."""
 from __future__ import annotations
 
-import sys
 import time
 
 from ..data.dataset import load_split
 from ..data.loader import DaliLoader
-from ..engine import fit
+from ..engine import fit, main_logger
+from ..models import build_ensemble
 from ..tasks import Distillation, Supervised, fill_teacher_cache
 from ..teacher_cache import open_cache
-from ..models import build_ensemble
 from ..runtime import close_process_group, resolve_runtime
 from .common import config_from_options, resume_base, teacher_paths, weights_flags
 
@@ -43,21 +42,21 @@ def distill(split_dir, out_dir, *, teacher_dir=None, teachers=(), weights=None, 
         flags.update({"model.teachers": (), "model.teacher_weights": ()})
     cfg = config_from_options("erkt", config_path=resume_base(resume, out_dir, config_path),
                               extra_flags=flags, **options)
-    if no_teacher or cfg.loss.ratio == 2.0:
-        task = Supervised(kind="student", ce_weight=cfg.loss.ratio if not no_teacher else 1.0)
-        rt = resolve_runtime(cfg.run)
-        try:
-            return fit(cfg, load_split(split_dir), out_dir, task, rt, resume=resume,
-                       allow_changes=allow_changes, progress=progress)
-        finally:
-            close_process_group()
-    split, paths, ensemble = _teachers(cfg, split_dir, teacher_dir, teachers)
+    without_teacher = no_teacher or cfg.loss.ratio == 2.0
+    if without_teacher:
+        split = load_split(split_dir)
+    else:
+        split, paths, ensemble = _teachers(cfg, split_dir, teacher_dir, teachers)
     rt = resolve_runtime(cfg.run)
     try:
-        cache = None if teacher_cache is None else \
-            open_cache(teacher_cache, cfg, split, paths, rt, cfg.optim.epochs, _log(rt))
-        return fit(cfg, split, out_dir, Distillation.from_config(ensemble, cfg.loss, cache), rt,
-                   resume=resume, allow_changes=allow_changes, progress=progress)
+        if without_teacher:
+            task = Supervised(kind="student", ce_weight=1.0 if no_teacher else cfg.loss.ratio)
+        else:
+            cache = None if teacher_cache is None else \
+                open_cache(teacher_cache, cfg, split, paths, rt, cfg.optim.epochs, main_logger(rt))
+            task = Distillation.from_config(ensemble, cfg.loss, cache)
+        return fit(cfg, split, out_dir, task, rt, resume=resume, allow_changes=allow_changes,
+                   progress=progress)
     finally:
         close_process_group()
 
@@ -69,7 +68,7 @@ def cache_teachers(split_dir, teacher_cache, *, teacher_dir=None, teachers=(), c
     split, paths, ensemble = _teachers(cfg, split_dir, teacher_dir, teachers)
     rt = resolve_runtime(cfg.run)
     try:
-        log = _log(rt)
+        log = main_logger(rt)
         cache = open_cache(teacher_cache, cfg, split, paths, rt, cfg.optim.epochs, log)
         train = DaliLoader.from_config(split.paths("train"), split.labels("train"), cfg,
                                        device=rt.device, train=True, rank=rt.rank, world=rt.world)
@@ -82,10 +81,6 @@ def cache_teachers(split_dir, teacher_cache, *, teacher_dir=None, teachers=(), c
                 "seconds": round(time.time() - start, 2)}
     finally:
         close_process_group()
-
-
-def _log(rt):
-    return (lambda line: print(line, file=sys.stderr, flush=True)) if rt.main else (lambda line: None)
 
 
 def _teachers(cfg, split_dir, teacher_dir, teachers):
