@@ -24,7 +24,8 @@ from nvidia.dali import fn, pipeline_def, types
 
 from dali_erkt.config import VSMConfig, crop_size
 from dali_erkt.data.loader import Batch
-from dali_erkt.data.pipeline import _decode_resize, _finish, autocontrast, dynamic_executor
+from dali_erkt.data.pipeline import _decode_resize, _finish, dynamic_executor
+from dali_erkt.data.units import autocontrast
 
 READER = "Reader"
 

@@ -199,9 +199,11 @@ class Bench:
         """`model`'s training step: distillation from `teacher`, or supervised where it is None.
         fused=False gives the paper's default (foreach) AdamW, built as on the CPU."""
         from dali_erkt.engine import Distillation, Supervised, make_optimizer, make_train_step
+        from dali_erkt.teachers import LiveTeacher
         opt = make_optimizer(self.student, self.cfg.optim.lr, self.cfg.optim.weight_decay,
                              rt.device if fused else torch.device("cpu"))
-        task = Supervised() if teacher is None else Distillation.from_config(teacher, self.cfg.loss)
+        task = Supervised() if teacher is None else \
+            Distillation.from_config(LiveTeacher(teacher), self.cfg.loss)
         return make_train_step(model, task, opt, rt.grad_scaler(), rt)
 
     def loader(self, kind: str, gpu: bool = False):
@@ -313,22 +315,21 @@ class Bench:
         from dali_erkt.engine import make_optimizer, make_train_step
         from dali_erkt.tasks import Distillation
         from dali_erkt.teacher_cache import TeacherCache
+        from dali_erkt.teachers import CachedTeacher
         loader = self.loader("dali", gpu=self.gpu)
         k, c, n = len(self.cfg.model.teachers), len(self.classes), loader.batches_per_epoch * self.b
         with tempfile.TemporaryDirectory(prefix="dali-erkt-cache-") as folder:
             cache = TeacherCache(folder, {"bench": 1}, teachers=k, positions=n, classes=c)
             for epoch in range(-(-(self.warm_c + self.args.iters) // loader.batches_per_epoch) + 1):
                 cache.write_epoch(epoch, np.zeros((k, n, c), dtype=np.float16))
-            task = Distillation.from_config(self.teacher, self.cfg.loss, cache)
+            task = Distillation.from_config(CachedTeacher(self.teacher, cache), self.cfg.loss)
             task.prepare(self.rt)
             opt = make_optimizer(self.student, self.cfg.optim.lr, self.cfg.optim.weight_decay, self.device)
             step = make_train_step(self.student_c, task, opt, self.rt.grad_scaler(), self.rt)
 
             def batches():
                 for epoch in itertools.count():
-                    loader.set_epoch(epoch)
-                    task.begin_epoch(epoch)
-                    yield from loader
+                    yield from task.epoch_batches(loader, epoch)
             feed = batches()
             try:
                 return self.timed(lambda: step(next(feed)), self.warm_c)

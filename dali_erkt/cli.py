@@ -182,16 +182,21 @@ def cache_teachers_cmd(**kwargs):
               help="Comma list; a seed draws the split and seeds the runs.")
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Sweep folder.")
 @click.option("--vary", multiple=True, metavar="KEY=V1,V2",
-              help="A setting's values; several --vary give their product (repeatable).")
-@click.option("--table", type=click.Choice(["6", "7", "9"]),
-              help="The paper's recipe: 6 (EfficientNet-B3's weight), 7 (loss ratio R), 9 (ablation).")
-@click.option("--print-commands", is_flag=True, help="Print the command lines in order instead of running them.")
+              help="A setting's values (or preset=base,erkt); several --vary give their product "
+                   "(repeatable).")
+@click.option("--table", type=click.Choice(["6", "7", "9", "kd"]),
+              help="A named recipe: the paper's 6 (EfficientNet-B3's weight), 7 (loss ratio R), "
+                   "9 (ablation); kd (DIST, KD, DKD on the same views and teacher cache).")
+@click.option("--print-commands", is_flag=True,
+              help="Print the steps as dali-erkt command lines in order instead of running them.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Passed to every run.")
+@click.option("--pretrained", is_flag=True,
+              help="Teachers and students start from timm's hub weights (needs network).")
 @click.option("--no-progress", is_flag=True, help="No progress bars (epoch lines stay).")
 @run_options
 @one_line_errors
-def sweep_cmd(data, train_ratio, seeds, out_dir, vary, table, print_commands, overrides, no_progress,
-              **flags):
+def sweep_cmd(data, train_ratio, seeds, out_dir, vary, table, print_commands, overrides, pretrained,
+              no_progress, **flags):
     """The study for each seed: split, teachers, then the grid of student runs, each an ordinary
     run folder; finished steps are skipped and started ones resumed."""
     from pathlib import Path
@@ -201,28 +206,40 @@ def sweep_cmd(data, train_ratio, seeds, out_dir, vary, table, print_commands, ov
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise click.BadParameter(f"{seeds!r}: give seeds as 0,1,2", param_hint="--seeds") from None
-    options = [a for o in overrides for a in ("--set", o)] + (["--no-progress"] if no_progress else [])
-    for name, value in flags.items():
-        if value is not None:
-            options += ([f"--{'compile' if value else 'no-compile'}"] if name == "compile_"
-                        else [f"--{name.replace('_', '-')}", str(value)])
+    options = {**{k: v for k, v in flags.items() if v is not None}, "overrides": overrides,
+               **({"pretrained": True} if pretrained else {}),
+               **({"progress": False} if no_progress else {})}
     steps = plan(data, train_ratio, seed_list, out_dir, vary=vary, table=table, options=options)
     if print_commands:
-        click.echo("\n".join(step.line() for step in steps))
+        click.echo("\n".join(command_line(step.command, step.args) for step in steps))
         return
-
-    def invoke(argv):
-        try:
-            main(argv, standalone_mode=False)
-        except SystemExit as exc:
-            if exc.code:
-                raise SystemExit(exc.code) from None
-
-    counts = run(steps, invoke, lambda line: click.echo(line, err=True))
+    result = {"steps": len(steps), **run(steps, command_line, lambda line: click.echo(line, err=True))}
     if table == "6":
-        for seed in seed_list:
-            ensemble_table(Path(out_dir) / f"seed-{seed}", options, device=flags.get("device") or "auto")
-    click.echo(json.dumps({"steps": len(steps), **counts}))
+        result["ensemble_oa"] = {f"seed-{seed}": ensemble_table(Path(out_dir) / f"seed-{seed}",
+                                                                options)["ensemble_oa"]
+                                 for seed in seed_list}
+    click.echo(json.dumps(result))
+
+
+def command_line(command: str, args: dict) -> str:
+    """The `dali-erkt` line that runs `command` with its library function's keyword arguments
+    (`progress=False` is `--no-progress`), written from the command's own click parameters."""
+    import shlex
+
+    params = {p.name: p for p in main.commands[command].params}
+    positional, opts = [], []
+    for name, value in args.items():
+        if name == "progress":
+            name, value = "no_progress", not value
+        p = params[name]
+        if isinstance(p, click.Argument):
+            positional.append(str(value))
+        elif p.is_flag:
+            if value != p.default:
+                opts.append(p.opts[0] if value else p.secondary_opts[0])
+        else:
+            opts += [a for v in (value if p.multiple else (value,)) for a in (p.opts[0], str(v))]
+    return shlex.join(["dali-erkt", command, *positional, *opts])
 
 
 @main.command("report")

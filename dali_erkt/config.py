@@ -17,7 +17,8 @@ from .errors import ConfigError
 
 
 # --------------------------------------------------------------------------------------------
-# The VSM: nine gated functional units, in the order they run (paper, Table 1).
+# The VSM: nine gated functional units, in the order they run (paper, Table 1). Their draws,
+# DALI operators and torchvision twins are declared in data/units.py, one record per unit.
 # --------------------------------------------------------------------------------------------
 
 @dataclass
@@ -142,13 +143,25 @@ class ModelConfig:
     weights_sha256: str = ""
 
 
+# The distillation losses `loss.kind` chooses from (functions in losses.py, one table there).
+LOSS_KINDS = ("dist", "kd", "dkd", "none")
+
+
 @dataclass
 class LossConfig:
-    ratio: float = 1.0  # R in L = R*CE + (2 - R)*2*(L_inter + L_intra)
-    tau: float = 2.0
+    # dist: ERKT's DIST (the default) | kd: Hinton et al. 2015 | dkd: Zhao et al. 2022 |
+    # none: CE only, no teacher (the paper's Base, as `distill --no-teacher`)
+    kind: str = "dist"
+    ratio: float = 1.0  # R in L = R*CE + (2 - R)*KD, KD = 2*(L_inter + L_intra) for dist
+    tau: float = 2.0  # the temperature of every kind (the KD and DKD papers use 4)
     tau_squared: bool = True  # multiply DIST terms by tau^2 as the official DIST code does
     inter_weight: float = 1.0
     intra_weight: float = 1.0
+    # DKD: T^2 * (alpha * TCKD + beta * NCKD), ramped in over the first `dkd_warmup` epochs
+    # (factor min(epoch / warmup, 1), epochs counted from 1; 0: no ramp), the official defaults.
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    dkd_warmup: int = 20
 
 
 @dataclass
@@ -254,7 +267,9 @@ def validate(cfg: Config) -> None:
                                              "from one of them")
     _check(0.0 <= cfg.loss.ratio <= 2.0, f"loss.ratio = {cfg.loss.ratio} must be in [0, 2]")
     _check(0 < cfg.loss.tau < float("inf"), f"loss.tau = {cfg.loss.tau} must be > 0")
-    for name in ("inter_weight", "intra_weight"):
+    _check(cfg.loss.kind in LOSS_KINDS, f"loss.kind = {cfg.loss.kind!r}: use {', '.join(LOSS_KINDS)}")
+    _check(cfg.loss.dkd_warmup >= 0, f"loss.dkd_warmup = {cfg.loss.dkd_warmup} must be >= 0")
+    for name in ("inter_weight", "intra_weight", "dkd_alpha", "dkd_beta"):
         v = getattr(cfg.loss, name)
         _check(0 <= v < float("inf"), f"loss.{name} = {v} must be >= 0")
     o = cfg.optim

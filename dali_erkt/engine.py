@@ -3,10 +3,11 @@ teacher alike:
 
     set-up (model, optimizer, loaders) -> for each epoch: train_one_epoch -> evaluate -> save
 
-What differs between the two is the task: `Distillation` (the frozen teacher ensemble, CE + DIST,
-the ERKT loss) or `Supervised` (CutMix cross-entropy, how each teacher is fine-tuned). A task turns
-a batch into named loss parts; the loop sums whatever parts it returns. The run folder
-(`RunDir`) owns every file the run writes.
+What differs between the two is the task: `Distillation` (CE + the KD loss `loss.kind` chooses,
+DIST by default, against the frozen teacher ensemble's logits, live or cached) or `Supervised`
+(CutMix cross-entropy, how each teacher is fine-tuned). A task turns a batch into named loss
+parts; the loop sums whatever parts it returns. The run folder (`RunDir`) owns every file the run
+writes; what a checkpoint holds is a `RunState`.
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ from .io import file_sha256
 from .metrics import agreement
 from .models import create_model, place
 from .run_dir import RunDir
-from .tasks import Distillation, Supervised, compiled  # noqa: F401 (the loop's tasks)
-from .runtime import Runtime, all_reduce_mean, barrier
+from .run_state import RunState
+from .tasks import Distillation, Supervised  # noqa: F401 (the loop's tasks)
+from .runtime import Runtime, all_reduce_mean, barrier, compiled
 
 # --------------------------------------------------------------------------------------------
 # Pieces of the loop.
@@ -84,11 +86,11 @@ def initial_model(cfg: Config, num_classes: int, rt: Runtime, log) -> torch.nn.M
     return model
 
 
-def train_one_epoch(step, loader, task, rt: Runtime, log_every: int, bar) -> tuple[dict, int]:
-    """Run `step` over one epoch; the loss parts' means (host floats) and the images seen."""
+def train_one_epoch(step, batches, task, rt: Runtime, log_every: int, bar) -> tuple[dict, int]:
+    """Run `step` over one epoch's batches; the loss parts' means (host floats) and the images seen."""
     sums = torch.zeros(len(task.parts), device=rt.device)  # summed on the device
     seen = steps = 0
-    for batch in loader:
+    for batch in batches:
         parts = step(batch)
         sums += torch.stack([parts[k].detach().float() for k in task.parts])
         n = batch.labels.shape[0]
@@ -122,7 +124,7 @@ class Setup:
     test_loader: DaliLoader
 
 
-def setup(cfg: Config, split: Split, task, rt: Runtime, state: dict | None, log,
+def setup(cfg: Config, split: Split, task, rt: Runtime, state: RunState | None, log,
           state_path="last.pt") -> Setup:
     """Set-up phase: the model (fresh or from `state`), optimizer, scaler, loaders, the step."""
     num_classes = len(split.classes)
@@ -130,27 +132,31 @@ def setup(cfg: Config, split: Split, task, rt: Runtime, state: dict | None, log,
         model = initial_model(cfg, num_classes, rt, log)
     else:
         model = create_model(cfg.model.arch, num_classes)
-        load_state(model, state["model"], state_path)
+        load_state(model, state.model, state_path)
     model = place(model, rt.device, rt.channels_last)
     optimizer = make_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, rt.device)
     scaler = rt.grad_scaler()
     if state is not None:
-        _load_optimizer(optimizer, state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if rt.device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], rt.device)
+        _load_optimizer(optimizer, state.optimizer)
+        scaler.load_state_dict(state.scaler)
+        torch.set_rng_state(state.rng["torch"])
+        if rt.device.type == "cuda" and state.rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(state.rng["cuda"], rt.device)
     trained = model
     if rt.world > 1:
         from torch.nn.parallel import DistributedDataParallel
         trained = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     step = make_train_step(compiled(trained, rt), task, optimizer, scaler, rt)
-    train = DaliLoader.from_config(split.paths("train"), split.labels("train"), cfg, device=rt.device,
-                                   train=True, rank=rt.rank, world=rt.world)
-    test = DaliLoader.from_config(split.paths("test"), split.labels("test"), cfg, device=rt.device,
-                                  train=False)
+    train, test = split_loaders(split, cfg, rt)
     task.prepare(rt)
     return Setup(model, step, optimizer, scaler, train, test)
+
+
+def split_loaders(split: Split, cfg: Config, rt: Runtime) -> tuple[DaliLoader, DaliLoader]:
+    """A run's loaders: the training part (this rank's shard, augmented) and the test part."""
+    return (DaliLoader.from_split(split, "train", cfg, device=rt.device, train=True, rank=rt.rank,
+                                  world=rt.world),
+            DaliLoader.from_split(split, "test", cfg, device=rt.device, train=False))
 
 
 def _load_optimizer(optimizer, saved: dict) -> None:
@@ -172,16 +178,16 @@ def fit(cfg: Config, split: Split, out_dir, task, rt: Runtime, resume: bool = Fa
     state = run.open(resume, log)
     if state is not None:
         _check_resumable(state, cfg, task, split.classes, run, allow_changes, log)
-        if state["epoch"] + 1 >= cfg.optim.epochs:  # killed after its last epoch: complete it
-            summary = _summary(task.kind, cfg.model.arch, split.classes, state["history"],
-                               state["best"], rt, sum(r["train_seconds"] for r in state["history"]))
-            run.write_log(state["history"])
+        if state.epoch >= cfg.optim.epochs:  # killed after its last epoch: complete it
+            summary = _summary(task.kind, cfg.model.arch, split.classes, state.history,
+                               state.best, rt, sum(r["train_seconds"] for r in state.history))
+            run.write_log(state.history)
             run.write_summary(summary)
             return summary
     s = setup(cfg, split, task, rt, state, log, run.last)
     run.write_config(cfg)
     start, history, best = (0, [], {"oa": -1.0, "epoch": -1}) if state is None else \
-        (state["epoch"] + 1, state["history"], state["best"])
+        (state.epoch, state.history, state.best)
     # The teacher is frozen: its test predictions are computed once, for the agreement metric.
     teacher_preds = task.test_predictions(s.test_loader, rt) if rt.main else None
     epochs, name, t_run = cfg.optim.epochs, f"{task.kind} {cfg.model.arch}", time.time()
@@ -190,15 +196,13 @@ def fit(cfg: Config, split: Split, out_dir, task, rt: Runtime, resume: bool = Fa
         for group in s.optimizer.param_groups:
             group["lr"] = lr
         s.model.train()
-        s.train_loader.set_epoch(epoch)
-        bar = tqdm(total=len(s.train_loader) * cfg.data.batch_size, unit="img", leave=False,
+        bar = tqdm(total=s.train_loader.batches_per_epoch * cfg.data.batch_size, unit="img", leave=False,
                    desc=f"{name} {epoch + 1}/{epochs}", disable=not (progress and rt.main),
                    dynamic_ncols=True, file=sys.stderr)
         t0 = time.time()
         with bar, _failures(epoch, run, rt, cfg):
-            task.begin_epoch(epoch)
-            parts, seen = train_one_epoch(s.step, s.train_loader, task, rt, cfg.run.log_every, bar)
-            task.end_epoch(epoch)
+            parts, seen = train_one_epoch(s.step, task.epoch_batches(s.train_loader, epoch), task,
+                                          rt, cfg.run.log_every, bar)
         seconds = time.time() - t0
         record = {"epoch": epoch + 1, "lr": lr, **parts, "train_images": seen,
                   "train_seconds": round(seconds, 3), "images_per_s": round(seen / max(seconds, 1e-9), 2)}
@@ -266,9 +270,9 @@ HARMLESS_CHANGES = ("data.num_threads", "data.prefetch", "run.device", "run.comp
                     "run.compile_mode", "run.log_every", "run.eval_every")
 
 
-def _check_resumable(state: dict, cfg: Config, task, classes, run: RunDir, allow_changes: bool,
+def _check_resumable(state: RunState, cfg: Config, task, classes, run: RunDir, allow_changes: bool,
                      log) -> None:
-    changes = differences(state["config"], to_dict(cfg))
+    changes = differences(to_dict(state.stored_config()), to_dict(cfg))
     for key, old, new in changes:
         if key in HARMLESS_CHANGES or allow_changes:
             log(f"resume: {key} changed from {old} to {new}")
@@ -278,24 +282,25 @@ def _check_resumable(state: dict, cfg: Config, task, classes, run: RunDir, allow
         more = f" (and {len(breaking) - 1} more)" if len(breaking) > 1 else ""
         raise ConfigError(f"--resume with {key} = {new}, but the run has {old}{more}: the resumed "
                           "run would not be the one started; pass --allow-changes to resume anyway")
-    if state["kind"] != task.kind:
-        raise CheckpointError(f"{run.last} is a {state['kind']} run; resume it with "
-                              f"`dali-erkt {'train-teacher' if state['kind'] == 'teacher' else 'distill'}`")
-    if state["arch"] != cfg.model.arch:
-        raise CheckpointError(f"{run.last} is a run of {state['arch']}, not {cfg.model.arch}: cannot resume it")
-    if list(state["classes"]) != list(classes):
+    if state.kind != task.kind:
+        raise CheckpointError(f"{run.last} is a {state.kind} run; resume it with "
+                              f"`dali-erkt {'train-teacher' if state.kind == 'teacher' else 'distill'}`")
+    if state.arch != cfg.model.arch:
+        raise CheckpointError(f"{run.last} is a run of {state.arch}, not {cfg.model.arch}: cannot resume it")
+    if state.classes != list(classes):
         raise CheckpointError(f"{run.last} was trained on other classes than this split: cannot resume")
-    if state["epoch"] + 1 >= cfg.optim.epochs and run.summary.exists():
+    if state.epoch >= cfg.optim.epochs and run.summary.exists():
         raise CheckpointError(f"{run.last} has finished all {cfg.optim.epochs} epochs: nothing to resume "
                               "(raise optim.epochs and pass --allow-changes to train longer)")
 
 
-def _checkpoint(task, cfg, split, epoch, s: Setup, history, best, rt: Runtime) -> dict:
+def _checkpoint(task, cfg, split, epoch, s: Setup, history, best, rt: Runtime) -> RunState:
+    """The run's state after (0-based) `epoch`: `epoch + 1` epochs done."""
     cuda = torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None
-    return {"kind": task.kind, "arch": cfg.model.arch, "classes": list(split.classes), "epoch": epoch,
-            "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
-            "scaler": s.scaler.state_dict(), "history": history, "best": best,
-            "config": to_dict(cfg), "rng": {"torch": torch.get_rng_state(), "cuda": cuda}}
+    return RunState(kind=task.kind, arch=cfg.model.arch, classes=list(split.classes),
+                    model=s.model.state_dict(), config=to_dict(cfg), epoch=epoch + 1,
+                    optimizer=s.optimizer.state_dict(), scaler=s.scaler.state_dict(),
+                    history=history, best=best, rng={"torch": torch.get_rng_state(), "cuda": cuda})
 
 
 def _epoch_line(name: str, r: dict, best: dict, epochs: int) -> str:

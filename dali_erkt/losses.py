@@ -1,6 +1,15 @@
-"""The ERKT loss: CutMix cross-entropy plus DIST (Huang et al., 2022), as pure functions.
+"""The distillation losses as pure functions: CutMix cross-entropy, and beside it the logit KD
+losses `loss.kind` chooses from (`OBJECTIVES`), each summed as
 
-    L = R * CE + (2 - R) * 2 * (L_inter + L_intra)
+    L = R * CE + (2 - R) * KD
+
+    dist  KD = 2 * (L_inter + L_intra)   DIST (Huang et al., 2022): ERKT's loss, the default
+    kd    KD = T^2 * KL(p_t || p_s)      Hinton, Vinyals, Dean 2015
+    dkd   KD = T^2 * (alpha * TCKD + beta * NCKD), times the warm-up factor
+                                         Zhao et al., "Decoupled Knowledge Distillation", 2022
+
+Each objective returns its named parts ("loss" is minimised; the others as they enter the sum).
+All read only logits, so one teacher logit cache serves every kind.
 
 Everything is computed in float32, also under autocast: the Pearson terms subtract close numbers
 and fp16 would round them away. This module is the definition; `dist_terms` hands the work to
@@ -126,3 +135,80 @@ def erkt_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     r = ratio
     return {"loss": r * ce + (2.0 - r) * 2.0 * (inter + intra), "ce": ce, "inter": inter,
             "intra": intra}
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 4.0) -> torch.Tensor:
+    """Hinton et al.'s KD: tau^2 * KL(p_t || p_s), p = softmax(logits / tau), mean over the batch."""
+    with _fp32(student_logits):
+        log_s = F.log_softmax(student_logits.float() / tau, dim=1)
+        log_t = F.log_softmax(teacher_logits.detach().float() / tau, dim=1)
+        return tau * tau * (log_t.exp() * (log_t - log_s)).sum(1).mean()
+
+
+def _target_split(z: torch.Tensor, target: torch.Tensor, gt: torch.Tensor):
+    """(log p_y, log(1 - p_y), log-softmax over the non-target classes) of logits z, from
+    log-sum-exps (no log of a rounded 1 - p). The last one's target column is not meaningful."""
+    lse = torch.logsumexp(z, dim=1)
+    lse_other = torch.logsumexp(z.masked_fill(gt, float("-inf")), dim=1)
+    log_p_target = z.gather(1, target.view(-1, 1)).squeeze(1) - lse
+    return log_p_target, lse_other - lse, z - lse_other[:, None]
+
+
+def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
+              tau: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """DKD's per-sample (TCKD, NCKD) at temperature tau, unscaled, float32:
+    TCKD = KL(b_t || b_s) on the binary pair b = [p_y, 1 - p_y]; NCKD = KL(q_t || q_s) with q the
+    softmax over the non-target logits only (the target class masked out)."""
+    with _fp32(student_logits):
+        z_s = student_logits.float() / tau
+        z_t = teacher_logits.detach().float() / tau
+        target = target.long()
+        gt = F.one_hot(target, z_s.shape[1]).bool()
+        s_y, s_rest, log_q_s = _target_split(z_s, target, gt)
+        t_y, t_rest, _ = _target_split(z_t, target, gt)
+        tckd = t_y.exp() * (t_y - s_y) + t_rest.exp() * (t_rest - s_rest)
+        q_t = F.softmax(z_t.masked_fill(gt, float("-inf")), dim=1)  # exactly 0 at the target
+        nckd = (torch.special.xlogy(q_t, q_t) - q_t * log_q_s).sum(1)
+        return tckd, nckd
+
+
+def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+             partner_labels: torch.Tensor, mix_weight, *, tau: float = 4.0, alpha: float = 1.0,
+             beta: float = 8.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha * T^2 * TCKD, beta * T^2 * NCKD), batch means. Under CutMix a view has two labels:
+    both targets count, weighted by area as the CE weights them,
+    (1 - w_i) * DKD(y_i) + w_i * DKD(y_partner_i) (w = 0 where nothing was pasted)."""
+    own = dkd_terms(student_logits, teacher_logits, labels, tau)
+    partner = dkd_terms(student_logits, teacher_logits, partner_labels, tau)
+    w = torch.as_tensor(mix_weight, dtype=torch.float32, device=own[0].device)
+    tckd, nckd = (((1.0 - w) * a + w * b).mean() for a, b in zip(own, partner))
+    return alpha * tau * tau * tckd, beta * tau * tau * nckd
+
+
+def kd_objective(student_logits, teacher_logits, labels, partner_labels, mix_weight, *,
+                 ratio: float = 1.0, tau: float = 4.0) -> dict:
+    """{"loss", "ce", "kd"}: R * CE + (2 - R) * KD."""
+    ce = cutmix_cross_entropy(student_logits, labels, partner_labels, mix_weight)
+    kd = kd_loss(student_logits, teacher_logits, tau)
+    return {"loss": ratio * ce + (2.0 - ratio) * kd, "ce": ce, "kd": kd}
+
+
+def dkd_objective(student_logits, teacher_logits, labels, partner_labels, mix_weight, *,
+                  ratio: float = 1.0, tau: float = 4.0, alpha: float = 1.0, beta: float = 8.0,
+                  warmup_factor: float = 1.0) -> dict:
+    """{"loss", "ce", "tckd", "nckd"}: R * CE + (2 - R) * (tckd + nckd), both parts times the
+    warm-up factor (DKD's trainer ramps its term in: min(epoch / warm-up epochs, 1))."""
+    ce = cutmix_cross_entropy(student_logits, labels, partner_labels, mix_weight)
+    tckd, nckd = dkd_loss(student_logits, teacher_logits, labels, partner_labels, mix_weight,
+                          tau=tau, alpha=alpha, beta=beta)
+    tckd, nckd = warmup_factor * tckd, warmup_factor * nckd
+    return {"loss": ratio * ce + (2.0 - ratio) * (tckd + nckd), "ce": ce, "tckd": tckd, "nckd": nckd}
+
+
+# loss.kind -> (the parts it returns, in order; the objective). "none" (CE only) needs no
+# teacher: it is the supervised task (tasks.Supervised), not an entry here.
+OBJECTIVES = {
+    "dist": (("loss", "ce", "inter", "intra"), erkt_loss),
+    "kd": (("loss", "ce", "kd"), kd_objective),
+    "dkd": (("loss", "ce", "tckd", "nckd"), dkd_objective),
+}

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_checkpoint, load_state
+from .checkpoint import load_state
 from .errors import CheckpointError, ConfigError
+from .run_state import read_run
 
 COMBINES = ("probs", "logits")
 
@@ -34,31 +35,24 @@ def create_model(arch: str, num_classes: int, pretrained: bool = False) -> nn.Mo
 
 
 def load_trained(path, classes: Sequence[str] | None = None, arch: str | None = None):
-    """(model, checkpoint) rebuilt from a dali-erkt run checkpoint: its arch, classes and weights.
+    """(model, RunState) rebuilt from a dali-erkt run checkpoint: its arch, classes and weights.
 
     `classes` and `arch`, where given, must match what the checkpoint records.
     """
     if str(path).endswith(".safetensors"):
         raise CheckpointError(f"{path} holds weights only (no architecture or classes): pass it to "
                               "--weights to start a run from it; evaluate a run's last.pt or best.pt")
-    state = load_checkpoint(path)
-    if not isinstance(state, dict) or not isinstance(state.get("arch"), str) \
-            or not isinstance(state.get("model"), dict):
-        raise CheckpointError(f"{path} is not a dali-erkt run checkpoint (no 'arch' and 'model'): "
-                              "use last.pt or best.pt of a train-teacher or distill run")
-    recorded = state.get("classes")
-    if not isinstance(recorded, list) or not recorded:
-        raise CheckpointError(f"{path} records no class names: use last.pt or best.pt of a "
-                              "train-teacher or distill run")
+    state = read_run(path)
+    recorded = state.classes
     if classes is not None and list(recorded) != list(classes):
         raise CheckpointError(f"{path} was trained on {len(recorded)} classes ({', '.join(recorded[:3])}"
                               f"{', ...' if len(recorded) > 3 else ''}), not this split's "
                               f"{len(classes)}: use a checkpoint trained on this split")
-    if arch is not None and state["arch"] != arch:
-        raise CheckpointError(f"{path} is a {state['arch']} checkpoint, but {arch} was asked for: "
+    if arch is not None and state.arch != arch:
+        raise CheckpointError(f"{path} is a {state.arch} checkpoint, but {arch} was asked for: "
                               "list the teachers' architectures in model.teachers in order")
-    model = create_model(state["arch"], len(recorded))
-    load_state(model, state["model"], path)
+    model = create_model(state.arch, len(recorded))
+    load_state(model, state.model, path)
     return model, state
 
 

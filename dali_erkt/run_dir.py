@@ -3,7 +3,8 @@
     config.yaml    the fully resolved configuration (`--config` it to rerun)
     log.jsonl      one line per epoch, rewritten whole from the checkpointed history
     log.csv        the same, one row per epoch (what timm's summary.csv users expect)
-    last.pt        everything needed to continue: model, optimizer, scaler, RNG, history, best
+    last.pt        everything needed to continue (a `RunState`: model, optimizer, scaler, RNG,
+                   history, best)
     best.pt        the same at the best test OA so far
     summary.json   last-epoch OA and best OA, each with its epoch
 
@@ -18,13 +19,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import save_checkpoint
 from .config import Config, save_config
-from .errors import CheckpointError, ConfigError
+from .errors import ConfigError
 from .io import atomic_write_text, remove_stale_temporaries
-
-RESUME_KEYS = ("kind", "arch", "classes", "epoch", "model", "optimizer", "scaler", "history",
-               "best", "rng", "config")
+from .run_state import RunState, read_run
 
 
 class RunDir:
@@ -35,7 +34,7 @@ class RunDir:
         self.config, self.log, self.summary = (self.path / "config.yaml", self.path / "log.jsonl",
                                                self.path / "summary.json")
 
-    def open(self, resume: bool, log) -> dict | None:
+    def open(self, resume: bool, log) -> RunState | None:
         """The state to resume from, or None for a new run. A new run refuses a folder that
         already holds one (never overwrite results); --resume of a run killed before its first
         checkpoint starts it."""
@@ -52,27 +51,23 @@ class RunDir:
             log(f"resume: {self.path} holds no checkpoint yet: starting the run")
         return None
 
-    def load_last(self) -> dict:
+    def load_last(self) -> RunState:
         """The state to resume from, checked to be a complete run checkpoint."""
-        state = load_checkpoint(self.last)
-        missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
-        if missing:
-            raise CheckpointError(f"{self.last} is not a dali-erkt run checkpoint (no {missing[0]!r}): "
-                                  "cannot resume")
-        return state
+        return read_run(self.last, resume=True)
 
     def write_config(self, cfg: Config) -> None:
         if self.main:
             save_config(cfg, self.config)  # creates the folder
 
-    def save(self, state: dict, is_best: bool) -> None:
+    def save(self, state: RunState, is_best: bool) -> None:
         """best.pt (on a new best), then last.pt (the same state), then the log."""
         if not self.main:
             return
+        record = state.to_checkpoint()
         if is_best:
-            save_checkpoint(self.best, state)
-        save_checkpoint(self.last, state)
-        self.write_log(state["history"])
+            save_checkpoint(self.best, record)
+        save_checkpoint(self.last, record)
+        self.write_log(state.history)
 
     def write_log(self, history: list) -> None:
         """log.jsonl and log.csv, rewritten whole from the checkpointed history (no duplicates

@@ -46,7 +46,9 @@ class Runtime:
     rank: int = 0
     world: int = 1
     # The DALI pipeline's threads within this process's share of the cores (thread_split on the
-    # CPU device; as asked on CUDA). None: not resolved (a Runtime built by hand).
+    # CPU device; as asked on CUDA). None: not asked (the commands, a Runtime built by hand): the
+    # loader keeps data.num_threads. `DaliLoader.from_config` / `from_split` given this Runtime
+    # as `device` take it in place of data.num_threads where it is set.
     dali_threads: int | None = None
 
     @property
@@ -75,22 +77,24 @@ class Runtime:
         return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
 
-def resolve_device(name: str) -> torch.device:
-    """"auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"."""
+def resolve_device(name, what: str = "run.device") -> torch.device:
+    """The one device parser: "auto" (cuda if available, else cpu), "cpu", "cuda" (the current
+    CUDA device) or "cuda:N", or a torch.device. `what` names the setting in the one-line
+    ConfigError (the loader says "the loader's device")."""
     name = str(name).strip().lower()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return torch.device("cpu")
     if not re.fullmatch(r"cuda(:\d+)?", name):
-        raise ConfigError(f"run.device = {name!r}: use auto, cpu, cuda or cuda:N")
+        raise ConfigError(f"{what} = {name!r}: use auto, cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
-        raise ConfigError(f"run.device = {name!r} but CUDA is not available here (no GPU visible "
+        raise ConfigError(f"{what} = {name!r} but CUDA is not available here (no GPU visible "
                           f"or torch {torch.__version__} built without CUDA): use cpu or auto")
     index = int(name.split(":")[1]) if ":" in name else torch.cuda.current_device()
     count = torch.cuda.device_count()
     if index >= count:
-        raise ConfigError(f"run.device = {name!r} but only {count} CUDA device(s) are visible: "
+        raise ConfigError(f"{what} = {name!r} but only {count} CUDA device(s) are visible: "
                           f"use cuda:0 to cuda:{count - 1}")
     return torch.device("cuda", index)
 
@@ -153,11 +157,13 @@ def thread_split(cores: int, dali_threads: int) -> tuple[int, int]:
     return max(1, cores - dali), dali
 
 
-def set_cpu_threads(device: torch.device, dali_threads: int | None, local_world: int = 1) -> int:
+def set_cpu_threads(device: torch.device, dali_threads: int | None,
+                    local_world: int = 1) -> int | None:
     """Apply thread_split on the CPU device (this process's share of the cores when several
     processes share the machine) and return DALI's threads; on CUDA, DALI's threads as asked
     (0: half the cores, at most 8), torch's left alone (it runs few CPU operators there).
-    OMP_NUM_THREADS, where set, keeps torch's threads."""
+    None where `dali_threads` is None (nothing asked, nothing set). OMP_NUM_THREADS, where set,
+    keeps torch's threads."""
     if dali_threads is None:  # not asked: torch keeps its own default (see the module's note)
         return None
     asked = int(dali_threads)
@@ -173,7 +179,7 @@ def resolve_runtime(run, dali_threads: int | None = None) -> Runtime:
     """The runtime of a `RunConfig`; under torchrun, also starts this process's group.
     `dali_threads` is `data.num_threads` (None: its default); on the CPU device torch's threads
     are set so that torch and DALI together ask for no more threads than cores, and
-    `Runtime.dali_threads` is DALI's share (give it to the loader)."""
+    `Runtime.dali_threads` is DALI's share (a loader built with `device=rt` takes it)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(run.device)
     rank = 0
@@ -223,3 +229,9 @@ def close_process_group() -> None:
     import torch.distributed as torch_dist
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+
+
+def compiled(module, rt: Runtime):
+    """`module` as the hot loop calls it: under torch.compile where enabled (reduce-overhead
+    captures CUDA graphs; static shapes come from drop_last)."""
+    return torch.compile(module, mode=rt.compile_mode) if rt.compile else module

@@ -31,6 +31,7 @@ import numpy as np
 from .config import Config, to_dict
 from .data.dataset import Split
 from .data.plan import num_batches, shard
+from .data.units import VIEWS_VERSION
 from .errors import ConfigError, DataError
 from .io import atomic_write_text, file_sha256
 
@@ -41,32 +42,36 @@ def cache_key(cfg: Config, split: Split, teacher_checkpoints, precision: str, de
               channels_last: bool, world: int) -> dict:
     """Everything a cached logit depends on (and nothing a sweep may change)."""
     listing = "".join(f"{p}\t{y}\n" for p, y in split.train) + "|" + "\n".join(split.classes)
-    d = cfg.data
     return {
         "split_sha256": hashlib.sha256(listing.encode()).hexdigest(),
         "test_sha256": hashlib.sha256("".join(f"{p}\t{y}\n" for p, y in split.test).encode()).hexdigest(),
+        **config_key(cfg, precision, device_type, channels_last, world),
+        "teacher_sha256": [file_sha256(p) for p in teacher_checkpoints],
+        "versions": _versions(),
+    }
+
+
+def config_key(cfg: Config, precision: str, device_type: str, channels_last: bool, world: int) -> dict:
+    """The part of the cache key that a run's configuration and runtime decide (all but the split,
+    the teachers' checkpoints and the code's versions): runs of one split and one set of teacher
+    checkpoints can share a cache exactly when these agree (`sweep` names its caches from them)."""
+    d = cfg.data
+    return {
         "vsm": to_dict(cfg.vsm), "seed": cfg.run.seed, "image_size": d.image_size,
         "batch_size": d.batch_size, "drop_last": d.drop_last, "mean": list(d.mean),
         "std": list(d.std), "dtype": d.dtype,
-        "teachers": list(cfg.model.teachers),
-        "teacher_sha256": [file_sha256(p) for p in teacher_checkpoints],
         "precision": precision, "device": device_type, "channels_last": channels_last,
-        "world": world, "versions": _versions(),
+        "world": world, "teachers": list(cfg.model.teachers),
     }
 
 
 def _versions() -> dict:
-    """The code that makes the views and runs the teachers (a new version may round otherwise)."""
-    from importlib.metadata import PackageNotFoundError, version
-
+    """The code that makes the views and runs the teachers: the views' own version (bumped with
+    any change to a view, units.py), and the libraries' (a new version may round otherwise)."""
     import nvidia.dali
     import timm
     import torch
-    try:
-        ours = version("dali-erkt")
-    except PackageNotFoundError:  # run from a source tree without installing
-        ours = "source"
-    return {"dali_erkt": ours, "dali": nvidia.dali.__version__, "torch": torch.__version__,
+    return {"views": VIEWS_VERSION, "dali": nvidia.dali.__version__, "torch": torch.__version__,
             "timm": timm.__version__}
 
 

@@ -1,6 +1,6 @@
 """Fused DIST loss: both softmaxes, the inter and intra Pearson terms, and dL/dS in one launch each way.
 
-Why: at the paper's batch of 30 the KD step is launch-bound (DESIGN.md section 4) and the torch twin
+Why: at the paper's batch of 30 the KD step is launch-bound (bench/RESULTS.md, "H100 anchors") and the torch twin
 (`dali_erkt.losses.dist_terms_torch`) is ~30 small launches forward and more backward. Here the forward is ONE
 program that streams the (B, C) logits in row chunks held in registers; the backward is one launch
 of cdiv(B, BLOCK_R) programs (one for B <= BLOCK_R). No host sync anywhere, so it can sit inside a

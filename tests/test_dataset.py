@@ -11,7 +11,7 @@ from PIL import Image, ImageFile
 
 from conftest import write_bad_files, write_image_tree
 from dali_erkt.data.dataset import (
-    DataError, check_files, load_rgb, load_split, make_split, save_split, scan,
+    DataError, check_files, list_images, load_rgb, load_split, make_split, save_split, scan,
 )
 
 
@@ -38,6 +38,26 @@ def test_scan_orders_classes_and_samples(image_tree):
     for label in range(3):  # sorted within each class
         group = [p for p, y in samples if y == label]
         assert group == sorted(group)
+
+
+def test_list_images_is_what_scan_finds(image_tree):
+    """One lister: a folder's images by name (not hidden), sorted; recursive as scan walks."""
+    (image_tree / "beach" / ".hidden.jpg").write_bytes(b"x")
+    (image_tree / "beach" / "notes.txt").write_text("ignored")
+    (image_tree / "beach" / ".cache").mkdir()
+    (image_tree / "beach" / ".cache" / "x.png").write_bytes(b"x")
+    write_image_tree(image_tree / "beach" / "sub", {"deep": 1})
+    _, samples = scan(image_tree)
+    want = sorted(image_tree / p for p, y in samples if y == 0)
+    assert list_images(image_tree / "beach", recursive=True) == want
+    top = list_images(image_tree / "beach")
+    assert top == [p for p in want if p.parent == image_tree / "beach"] and len(top) == 8
+    (image_tree / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no image files") as exc:
+        list_images(image_tree / "empty")
+    assert "\n" not in str(exc.value)
+    with pytest.raises(DataError, match="not a folder"):
+        list_images(image_tree / "missing")
 
 
 def test_every_format_and_mode_loads_as_rgb(image_tree, tmp_path):

@@ -104,7 +104,7 @@ def test_two_processes_train_disjoint_shards_with_equal_weights_and_resume(split
     r = torchrun(tmp_path, tmp_path / "trace2", *common, "--epochs", 2, "--resume", "--allow-changes")
     assert r.returncode == 0, r.stderr[-3000:]
     state = load_checkpoint(out / "last.pt")
-    assert state["epoch"] == 1 and [h["epoch"] for h in state["history"]] == [1, 2]
+    assert state["epoch"] == 2 and [h["epoch"] for h in state["history"]] == [1, 2]
     shards = [[int(i) for line in (tmp_path / "trace2" / f"indices-{k}.txt").read_text().splitlines()
                for i in line.split()] for k in (0, 1)]
     assert sorted(shards[0] + shards[1]) == list(range(len(split.train)))

@@ -9,12 +9,13 @@ import yaml
 from click.testing import CliRunner
 
 from dali_erkt import engine
-from dali_erkt.checkpoint import load_checkpoint
+from dali_erkt.checkpoint import load_checkpoint, save_checkpoint
 from dali_erkt.cli import main
 from dali_erkt.commands.demo import DemoSettings, run_demo
 from dali_erkt.config import default_config, from_dict
 from dali_erkt.data.dataset import make_split, save_split
 from dali_erkt.engine import Distillation, Supervised
+from dali_erkt.teachers import LiveTeacher
 from dali_erkt.errors import CheckpointError, ConfigError, TrainingError
 from dali_erkt.models import build_ensemble
 from dali_erkt.runtime import resolve_runtime
@@ -44,7 +45,7 @@ def fit_teacher(cfg, split, out, **kwargs):
 def fit_student(cfg, split, out, teachers, **kwargs):
     m = cfg.model
     ens = build_ensemble(m.teachers, teachers, m.teacher_weights, m.combine, split.classes)
-    return engine.fit(cfg, split, out, Distillation.from_config(ens, cfg.loss), resolve_runtime(cfg.run),
+    return engine.fit(cfg, split, out, Distillation.from_config(LiveTeacher(ens), cfg.loss), resolve_runtime(cfg.run),
                       progress=False, **kwargs)
 
 
@@ -96,12 +97,26 @@ def _fit_stopped_after_first_epoch(cfg, split, out, teachers, monkeypatch):
     monkeypatch.setattr(engine.RunDir, "save", real)
 
 
-def test_resume_continues_exactly(split, teachers, tmp_path, monkeypatch):
+def _as_schema_1(path) -> None:
+    """Rewrite a checkpoint as the first schema wrote it (before run_state): no schema field, a
+    0-based epoch, a stored configuration without the settings added since (the loss kinds)."""
+    state = load_checkpoint(path)
+    del state["schema"]
+    state["epoch"] -= 1
+    for key in ("kind", "dkd_alpha", "dkd_beta", "dkd_warmup"):
+        del state["config"]["loss"][key]
+    save_checkpoint(path, state)
+
+
+@pytest.mark.parametrize("schema", ["current", "schema-1"])
+def test_resume_continues_exactly(split, teachers, tmp_path, monkeypatch, schema):
     cfg = tiny_config("erkt", epochs=2)
     full = fit_student(cfg, split, tmp_path / "full", teachers)
 
     _fit_stopped_after_first_epoch(cfg, split, tmp_path / "cut", teachers, monkeypatch)
-    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 0
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1  # epochs done, from 1
+    if schema == "schema-1":  # a run checkpointed by the previous version still resumes exactly
+        _as_schema_1(tmp_path / "cut" / "last.pt")
     resumed = fit_student(cfg, split, tmp_path / "cut", teachers, resume=True)
 
     assert resumed["last_oa"] == full["last_oa"] and resumed["agreement"] == full["agreement"]
@@ -138,7 +153,7 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(split, tmp_path, monkey
     with pytest.raises(TrainingError, match=r"NaN or infinite by step \d+ of epoch 2.*last good checkpoint"):
         fit_teacher(cfg, split, tmp_path / "run")
     state = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values()
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values()
                                        if v.is_floating_point())
 
 
@@ -273,7 +288,7 @@ def test_cli_resume_reads_the_runs_own_config(split, tmp_path):
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["data"]["image_size"] == SIZE and saved["vsm"]["grayscale"]["p"] == 0.3
     assert saved["optim"]["epochs"] == 2
-    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+    assert load_checkpoint(out / "last.pt")["epoch"] == 2
 
 
 # ---- the runtime's variants on the CPU ---------------------------------------------------------

@@ -60,7 +60,7 @@ def consistent(run: Path, killed: bool = False):
         summary = json.loads((run / "summary.json").read_text())
         assert summary["epochs"] == len(state["history"])
         if summary["best_epoch"] > 0:
-            assert load_checkpoint(run / "best.pt")["epoch"] + 1 == summary["best_epoch"]
+            assert load_checkpoint(run / "best.pt")["epoch"] == summary["best_epoch"]
     if state is not None and (run / "log.jsonl").exists():
         log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in log] == [r["epoch"] for r in state["history"]][:len(log)]

@@ -17,11 +17,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = {
     "dali_erkt.errors": 0, "dali_erkt.config": 0, "dali_erkt.io": 0, "dali_erkt.metrics": 0,
-    "dali_erkt.checkpoint": 0, "dali_erkt.runtime": 0, "dali_erkt.kernels": 0,
+    "dali_erkt.checkpoint": 0, "dali_erkt.run_state": 0, "dali_erkt.runtime": 0, "dali_erkt.kernels": 0,
     "dali_erkt.synthetic": 1, "dali_erkt.data": 1, "dali_erkt.models": 1, "dali_erkt.losses": 1,
     "dali_erkt.reports": 1,
     "dali_erkt.evaluation": 2,
-    "dali_erkt.teacher_cache": 2,
+    "dali_erkt.teacher_cache": 2, "dali_erkt.teachers": 2,
     "dali_erkt.engine": 3, "dali_erkt.run_dir": 3, "dali_erkt.tasks": 3,
     "dali_erkt.commands": 4,
     "dali_erkt.cli": 5,
@@ -145,3 +145,20 @@ def test_readme_names_each_modules_layer():
         key = rel if rel in listed else folder if folder in listed else None
         assert key is not None, f"README's file table does not list {rel}"
         assert listed[key] == layer_of(name), f"README puts {key} in layer {listed[key]}, not {layer_of(name)}"
+
+
+def test_kernels_import_from_a_source_tree(tmp_path):
+    """`dali_erkt.kernels` imports from a plain copy of the source tree, no install (site's .pth
+    hooks, such as an editable install's finder, are left out with -S)."""
+    import shutil
+    import site
+    import subprocess
+    import sys
+    for folder in ("dali_erkt", "kernels"):
+        shutil.copytree(REPO / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    paths = [str(tmp_path)] + site.getsitepackages()
+    code = (f"import sys; sys.path[:0] = {paths!r}; import dali_erkt.kernels as k, dali_erkt.losses; "
+            "print(k.__file__)")
+    r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == str(tmp_path / "kernels" / "__init__.py")

@@ -16,6 +16,8 @@ from torch import nn
 
 from conftest import write_image_tree
 from dali_erkt.config import default_config
+from dali_erkt.data.dataset import Split
+from dali_erkt.runtime import Runtime
 from dali_erkt.data import loader as loader_module
 from dali_erkt.errors import DataError
 
@@ -393,12 +395,18 @@ def test_two_ranks_split_each_epoch_disjointly(data):
 
 # -- from_config -------------------------------------------------------------------------------
 
-def test_from_config_matches_the_keyword_loader(data, reference):
-    paths, labels = data
-    cfg = default_config()  # the erkt preset, the keyword loader's default
+def fast_config():
+    """The erkt preset (the keyword loader's default) at FAST's sizes and threads, seed 0."""
+    cfg = default_config()
     cfg.data.image_size, cfg.data.batch_size = SIZE, B
     cfg.data.num_threads, cfg.data.prefetch, cfg.data.dtype = 1, 1, "float32"
     cfg.run.seed = 0
+    return cfg
+
+
+def test_from_config_matches_the_keyword_loader(data, reference):
+    paths, labels = data
+    cfg = fast_config()
     loader = DaliLoader.from_config(paths, labels, cfg, device="cpu", train=True)
     assert loader.batch_size == B and len(loader) == EPOCH
     assert_same_batches(collect(loader), reference.epoch0)
@@ -413,6 +421,27 @@ def test_from_config_matches_the_keyword_loader(data, reference):
     assert wide.batch_size == 10
     assert [len(b.indices) for b in collect(wide)] == [10, 10, 4]
     wide.close()
+
+
+def test_from_split_is_from_config_of_the_part(data, reference):
+    paths, labels = data
+    cfg = fast_config()
+    root = str(paths[0].parents[1])
+    split = Split(root, ["beach", "forest", "harbor"],
+                  [(str(p.relative_to(root)), y) for p, y in zip(paths, labels)], [], 1.0, 0, True)
+    loader = DaliLoader.from_split(split, "train", cfg, device="cpu", train=True)
+    assert_same_batches(collect(loader), reference.epoch0)
+    loader.close()
+    # The run's Runtime as the device: its device, and its DALI threads where resolved.
+    rt = Runtime(torch.device("cpu"), dali_threads=2)
+    with DaliLoader.from_split(split, "train", cfg, device=rt, train=False) as loader:
+        assert loader.device == torch.device("cpu") and loader._settings["num_threads"] == 2
+        assert [len(b.indices) for b in collect(loader)] == [B] * EPOCH
+    unresolved = DaliLoader.from_split(split, "train", cfg, device=Runtime(torch.device("cpu")),
+                                       train=False)
+    assert unresolved._settings["num_threads"] == 1  # data.num_threads
+    with pytest.raises(ValueError, match="part"):
+        DaliLoader.from_split(split, "val", cfg, device="cpu", train=False)
 
 
 # -- errors ------------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def test_cached_rows_are_the_teachers_logits_of_the_same_views(setup, tmp_path):
                          cfg.model.teacher_weights, "probs", split.classes)
     key = json.loads((cache / "key.json").read_text())
     rows = TeacherCache(cache, key, teachers=2, positions=15, classes=3).read_epoch(1)
-    loader = DaliLoader.from_config(split.paths("train"), split.labels("train"), cfg, device="cpu")
+    loader = DaliLoader.from_split(split, "train", cfg, device="cpu", train=True)
     loader.set_epoch(1)
     z = torch.cat([ens.member_logits(b.images.float()) for b in loader], dim=1)
     err = (torch.from_numpy(rows).float() - z).abs()

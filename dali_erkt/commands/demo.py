@@ -20,10 +20,11 @@ from ..config import Config, default_config
 from ..data.dataset import make_split, save_split
 from ..data.loader import DaliLoader
 from ..engine import Distillation, Supervised, fit
+from ..teachers import LiveTeacher
 from ..evaluation import predict, scores, write_report
 from ..io import atomic_write_text
 from ..models import build_ensemble, place
-from ..runtime import resolve_runtime
+from ..runtime import resolve_device, resolve_runtime
 from ..synthetic import make_scenes
 
 
@@ -67,11 +68,8 @@ def demo_config(preset: str, s: DemoSettings, epochs: int, device: str) -> Confi
 
 def run_demo(out_dir, device: str, progress: bool = True, settings: DemoSettings | None = None) -> dict:
     """Run the demo into a new folder under `out_dir`; return the report (also report.json)."""
-    import torch
-
-    kind = "cuda" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "cpu"
-    device = "cuda" if kind == "cuda" and device == "auto" else device
-    s = settings or DEMO[kind]
+    device = resolve_device(device)  # the settings depend on the kind of device
+    s = settings or DEMO[device.type]
     out = Path(out_dir) / time.strftime("%Y%m%d-%H%M%S")
     if out.exists():  # two demos in one second: never overwrite a run
         out = out.with_name(out.name + f"-{time.time_ns() % 1000000}")
@@ -81,7 +79,7 @@ def run_demo(out_dir, device: str, progress: bool = True, settings: DemoSettings
     split = make_split(data, s.train_ratio, seed=0)
     save_split(split, out / "split")
 
-    teacher_cfg = demo_config("base", s, s.teacher_epochs, device)
+    teacher_cfg = demo_config("base", s, s.teacher_epochs, str(device))
     rt = resolve_runtime(teacher_cfg.run)
     teachers, paths = {}, []
     for k, arch in enumerate(s.teachers):
@@ -92,13 +90,12 @@ def run_demo(out_dir, device: str, progress: bool = True, settings: DemoSettings
                              progress=progress)
         paths.append(out / "teachers" / name / "last.pt")
 
-    student_cfg = demo_config("erkt", s, s.student_epochs, device)
+    student_cfg = demo_config("erkt", s, s.student_epochs, str(device))
     m = student_cfg.model
     ensemble = build_ensemble(m.teachers, paths, m.teacher_weights, m.combine, split.classes)
-    student = fit(student_cfg, split, out / "student", Distillation.from_config(ensemble, student_cfg.loss),
+    student = fit(student_cfg, split, out / "student", Distillation.from_config(LiveTeacher(ensemble), student_cfg.loss),
                   rt, progress=progress)
-    loader = DaliLoader.from_config(split.paths("test"), split.labels("test"), student_cfg,
-                                    device=rt.device, train=False)
+    loader = DaliLoader.from_split(split, "test", student_cfg, device=rt, train=False)
     preds, targets = predict(place(ensemble, rt.device, rt.channels_last), loader, rt)
     loader.close()
     ens = write_report(scores(preds, targets, len(split.classes)), split.classes, out / "reports",

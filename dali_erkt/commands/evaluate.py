@@ -15,6 +15,7 @@ from ..data.loader import DaliLoader
 from ..errors import ConfigError
 from ..evaluation import predict, scores, write_report
 from ..models import build_ensemble, load_trained, place
+from ..run_state import stored_config
 from ..runtime import resolve_runtime
 from .common import config_from_options, teacher_paths
 
@@ -28,21 +29,20 @@ def evaluate(split_dir, out_dir, *, checkpoint=None, teacher_dir=None, teachers=
         raise ConfigError("give either --checkpoint or the ensemble's teachers, not both")
     if checkpoint:
         model, state = load_trained(checkpoint, split.classes)
-        stored = state.get("config") if isinstance(state.get("config"), dict) else {}
-        name = f"{state.get('kind', 'model')}-{state['arch']}-{Path(checkpoint).stem}"
+        stored = to_dict(state.stored_config())
+        name = f"{state.kind}-{state.arch}-{Path(checkpoint).stem}"
     else:
         cfg = config_from_options("erkt", **options)
         paths = teacher_paths(cfg.model.teachers, teacher_dir, teachers)
-        stored = _stored_config(paths[0])
+        stored = to_dict(stored_config(paths[0]))
         model = None
         name = "ensemble-" + "+".join(cfg.model.teachers)
     # The run's data settings (size, normalisation) are the base; where it runs is chosen now.
-    cfg = config_from_options("erkt", base={"data": stored.get("data", {})}, **options)
+    cfg = config_from_options("erkt", base={"data": stored["data"]}, **options)
     for key in _SHOWN:  # what the user changed against the run's own settings
         section, field = key.split(".")
-        was = stored.get(section, {}).get(field)
-        now = to_dict(cfg)[section][field]
-        if was is not None and was != now:
+        was, now = stored[section][field], to_dict(cfg)[section][field]
+        if was != now:
             note(f"note: evaluating with {key} = {now}; the run was trained with {was}")
     if model is None:
         m = cfg.model
@@ -50,8 +50,7 @@ def evaluate(split_dir, out_dir, *, checkpoint=None, teacher_dir=None, teachers=
     if part != "test":
         name += f"-{part}"
     rt = resolve_runtime(cfg.run)
-    loader = DaliLoader.from_config(split.paths(part), split.labels(part), cfg, device=rt.device,
-                                    train=False)
+    loader = DaliLoader.from_split(split, part, cfg, device=rt, train=False)
     preds, targets = predict(place(model, rt.device, rt.channels_last), loader, rt)
     loader.close()
     result = write_report(scores(preds, targets, len(split.classes)), split.classes, out_dir, name,
@@ -61,8 +60,3 @@ def evaluate(split_dir, out_dir, *, checkpoint=None, teacher_dir=None, teachers=
     save_config(cfg, Path(out_dir) / f"{name}_config.yaml")  # the settings the numbers were measured with
     return result
 
-
-def _stored_config(path) -> dict:
-    from ..checkpoint import load_checkpoint
-    state = load_checkpoint(path)
-    return state.get("config", {}) if isinstance(state, dict) and isinstance(state.get("config"), dict) else {}

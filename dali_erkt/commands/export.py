@@ -14,7 +14,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..config import DataConfig
 from ..errors import CheckpointError, ConfigError, DataError
 from ..models import load_trained
 
@@ -39,7 +38,7 @@ def _spread(items: list, limit: int) -> list:
 
 def _image_files(source, limit: int) -> list[Path]:
     """Up to `limit` image files: a split folder's test images, a folder's images, or files."""
-    from ..data.dataset import IMAGE_EXTENSIONS, load_split
+    from ..data.dataset import list_images, load_split
     if not isinstance(source, (str, Path)) and len(source) == 1:
         source = source[0]  # one folder given as a list (the command line's repeatable option)
     if isinstance(source, (str, Path)):
@@ -48,11 +47,7 @@ def _image_files(source, limit: int) -> list[Path]:
             split = load_split(path)
             return [Path(p) for p in _spread(split.paths("test"), limit)]
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                           and not p.name.startswith("."))
-            if not files:
-                raise DataError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-            return _spread(files, limit)
+            return _spread(list_images(path, recursive=True), limit)
         source = [path]
     files = [Path(p) for p in source][:limit]
     for f in files:
@@ -88,15 +83,11 @@ def export_onnx(checkpoint, onnx_path, *, image_size: int | None = None, batch_i
         raise ConfigError(f"{onnx_path} exists: pass --force to replace it")
     model, state = load_trained(checkpoint)
     model.eval()
-    data = (state.get("config") or {}).get("data") or {}
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{checkpoint} has a malformed stored configuration (data section)")
-    defaults = DataConfig()
-    size = int(image_size or data.get("image_size") or 0)
+    data = state.stored_config().data
+    size = int(image_size or data.image_size)
     if size < 16:
-        raise ConfigError(f"{checkpoint} records no data.image_size: pass --image-size (16 or more)")
-    mean = list(data.get("mean") or defaults.mean)
-    std = list(data.get("std") or defaults.std)
+        raise ConfigError(f"--image-size {size}: use 16 or more")
+    mean, std = list(data.mean), list(data.std)
 
     if batch_images is not None:
         x, files = real_batch(batch_images, size, mean, std, max_images)
@@ -115,10 +106,10 @@ def export_onnx(checkpoint, onnx_path, *, image_size: int | None = None, batch_i
     except Exception as exc:  # the exporter's errors are many and long: one line, then stop
         tmp.unlink(missing_ok=True)
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise CheckpointError(f"ONNX export of {state['arch']} failed ({why})") from None
+        raise CheckpointError(f"ONNX export of {state.arch} failed ({why})") from None
 
-    result = {"onnx": str(onnx_path), "checkpoint": str(checkpoint), "arch": state["arch"],
-              "kind": state.get("kind"), "classes": list(state["classes"]), "image_size": size,
+    result = {"onnx": str(onnx_path), "checkpoint": str(checkpoint), "arch": state.arch,
+              "kind": state.kind, "classes": list(state.classes), "image_size": size,
               "mean": mean, "std": std, "opset": opset, "input": "images", "output": "logits",
               "bytes": onnx_path.stat().st_size}
     if check:

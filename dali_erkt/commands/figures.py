@@ -3,45 +3,33 @@ features of a split's test images, Figures 11-12).
 
 Images reach the models as evaluation sees them: decoded and resized by the DALI evaluation
 pipeline at the run's image size, normalised with the run's mean and std (each checkpoint's own).
+The models run as evaluation runs them: through a `Runtime` on `--device`, under its autocast
+(bf16 or fp16 on a GPU, fp32 on the CPU).
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from ..config import from_dict
-from ..data.dataset import IMAGE_EXTENSIONS, load_split, why_unreadable
+from ..config import RunConfig
+from ..data.dataset import list_images, load_split, why_unreadable
 from ..data.loader import DaliLoader
 from ..errors import CheckpointError, ConfigError, DataError
-from ..models import load_trained
+from ..models import load_trained, place
 from ..reports.gradcam import default_target_layer, grad_cam, write_grid
 from ..reports.tsne import (effective_perplexity, require_sklearn, tsne_2d, write_coords,
                             write_tsne_png)
+from ..runtime import Runtime, resolve_runtime
 
 MAX_IMAGES = 64
 
 
-def _stored_config(state: dict, path):
-    if not isinstance(state.get("config"), dict):
-        raise CheckpointError(f"{path} records no configuration: use last.pt or best.pt of a "
-                              "train-teacher or distill run")
-    return from_dict(state["config"])
-
-
-def _device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"device {device!r}: use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device} asked for, but CUDA is not available here: use "
-                          "--device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {device!r}: use cpu, cuda or cuda:N")
-    return dev
+def _runtime(device: str) -> Runtime:
+    """explain's and embed's runtime: the default run settings (precision auto: autocast on a
+    GPU) on `device`, which runtime.resolve_device reads."""
+    return resolve_runtime(RunConfig(device=device))
 
 
 def image_files(images) -> list[str]:
@@ -50,11 +38,7 @@ def image_files(images) -> list[str]:
     for item in images:
         p = Path(item)
         if p.is_dir():
-            inside = sorted(str(f) for f in p.iterdir() if f.is_file() and
-                            not f.name.startswith(".") and f.name.lower().endswith(IMAGE_EXTENSIONS))
-            if not inside:
-                raise DataError(f"folder {p} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
-            found += inside
+            found += [str(f) for f in list_images(p)]
         else:
             found.append(str(p))
     if not found:
@@ -87,10 +71,10 @@ def _class_indices(labels, classes: list[str], n: int) -> list[int] | None:
     return out
 
 
-def _load_uint8(paths: list[str], size: int, dev: torch.device) -> torch.Tensor:
+def _load_uint8(paths: list[str], size: int, rt: Runtime) -> torch.Tensor:
     """(N, 3, size, size) uint8: the DALI evaluation pipeline's decode and resize."""
     with DaliLoader(paths, [0] * len(paths), image_size=size, batch_size=len(paths), train=False,
-                    device=dev, normalize=False, num_threads=max(1, min(4, os.cpu_count() or 1)),
+                    device=rt.device, normalize=False, num_threads=rt.dali_threads,
                     prefetch=1) as loader:
         images = torch.cat([b.images for b in loader])
     return images.contiguous()
@@ -103,20 +87,21 @@ def explain(checkpoints, images, out, *, image_size=None, device="cpu", labels=N
     start = time.perf_counter()
     if not checkpoints:
         raise ConfigError("no checkpoints: give the student's and the teachers' last.pt")
-    dev = _device(device)
+    rt = _runtime(device)
+    dev = rt.device
     paths = image_files(images)
     loaded = [load_trained(path) for path in checkpoints]
-    classes = list(loaded[0][1]["classes"])
+    classes = list(loaded[0][1].classes)
     for path, (_, state) in zip(checkpoints[1:], loaded[1:]):
-        if list(state["classes"]) != classes:
+        if state.classes != classes:
             raise CheckpointError(f"{path} was trained on other classes than {checkpoints[0]}: "
                                   "give checkpoints of one data set")
-    cfgs = [_stored_config(state, path) for path, (_, state) in zip(checkpoints, loaded)]
+    cfgs = [state.stored_config() for _, state in loaded]
     size = int(image_size or cfgs[0].data.image_size)
     if size < 16:
         raise ConfigError(f"--image-size {size} is too small: use 16 or more")
     targets = _class_indices(labels, classes, len(paths))
-    raw = _load_uint8(paths, size, dev)
+    raw = _load_uint8(paths, size, rt)
     shown = raw.permute(0, 2, 3, 1).float().cpu().numpy() / 255.0
     columns, layers, predictions = [], {}, {}
     for path, (model, state), cfg in zip(checkpoints, loaded, cfgs):
@@ -126,13 +111,14 @@ def explain(checkpoints, images, out, *, image_size=None, device="cpu", labels=N
         x = (raw.float() / 255.0 - mean) / std
         try:
             layer = default_target_layer(model, size)
-            cam = grad_cam(model, layer, x, targets)
+            with rt.autocast():
+                cam = grad_cam(model, layer, x, targets)
         except (ValueError, RuntimeError, AssertionError) as exc:
             why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-            raise ConfigError(f"Grad-CAM cannot run on {path} ({state['arch']}: {why}): explain "
+            raise ConfigError(f"Grad-CAM cannot run on {path} ({state.arch}: {why}): explain "
                               "needs a CNN with a convolutional feature map") from None
         where = f"{Path(path).parent.name}/{Path(path).name}"
-        heading = f"{state.get('kind', 'model')} {state['arch']}\n{where}, at {layer}"
+        heading = f"{state.kind} {state.arch}\n{where}, at {layer}"
         caps = [f"pred {classes[p]} p={q:.2f}" if targets is None else
                 f"pred {classes[p]} ({'right' if p == t else 'WRONG'})\n"
                 f"map of {classes[t]} p={q:.2f}"
@@ -155,16 +141,17 @@ def explain(checkpoints, images, out, *, image_size=None, device="cpu", labels=N
             "seconds": round(time.perf_counter() - start, 2)}
 
 
-def features(model, loader, dev: torch.device):
-    """(penultimate features (N, D) float32, labels (N,), predicted (N,)) over a loader."""
+def features(model, loader, rt: Runtime):
+    """(penultimate features (N, D) float32, labels (N,), predicted (N,)) over a loader, under
+    the runtime's autocast."""
     if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
         raise CheckpointError(f"{type(model).__name__} has no forward_features/forward_head: embed "
                               "needs a timm model")
     feats, labels, preds = [], [], []
-    model = model.to(dev).float().eval()
-    with torch.inference_mode():
+    model = place(model.float(), rt.device, rt.channels_last).eval()
+    with torch.inference_mode(), rt.autocast():
         for batch in loader:
-            fmap = model.forward_features(batch.images.float())
+            fmap = model.forward_features(batch.images.to(rt.input_dtype))
             pre = model.forward_head(fmap, pre_logits=True).flatten(1)
             logits = model.forward_head(fmap)
             feats.append(pre.float().cpu())
@@ -177,23 +164,22 @@ def embed(checkpoint, split_dir, out, *, device="cpu", perplexity=30, seed=0) ->
     """Write the t-SNE map PNG `out` of the checkpoint's penultimate features on the split's
     test images, and beside it `<out stem>.csv` (path, label, class, predicted, x, y)."""
     start = time.perf_counter()
-    dev = _device(device)
+    rt = _runtime(device)
     split = load_split(split_dir)
     model, state = load_trained(checkpoint, split.classes)
-    cfg = _stored_config(state, checkpoint)
+    cfg = state.stored_config()
     n = len(split.test)
     perp = effective_perplexity(float(perplexity), n)
     require_sklearn()  # before the features are computed
-    with DaliLoader.from_config(split.paths("test"), split.labels("test"), cfg, device=dev,
-                                train=False) as loader:
-        feats, labels, preds = features(model, loader, dev)
+    with DaliLoader.from_split(split, "test", cfg, device=rt, train=False) as loader:
+        feats, labels, preds = features(model, loader, rt)
     coords, kl = tsne_2d(feats, perp, seed)
     out = Path(out)
     csv_path = out.with_suffix(".csv")
     rel = [p for p, _ in split.test]
     write_coords(csv_path, coords, labels, split.classes, rel, preds)
     oa = float((preds == labels).mean())
-    title = (f"t-SNE of {state.get('kind', 'model')} {state['arch']} penultimate features "
+    title = (f"t-SNE of {state.kind} {state.arch} penultimate features "
              f"({feats.shape[1]}-d), {n} test images; test OA {oa:.1%}; perplexity {perp:g}")
     write_tsne_png(out, coords, labels, split.classes, preds, title)
     return {"png": str(out), "csv": str(csv_path), "points": n, "feature_dim": int(feats.shape[1]),

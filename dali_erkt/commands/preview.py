@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import UNITS, Config
+from ..config import Config
 from ..data.dataset import load_rgb, scan, why_unreadable
 from ..data.loader import DaliLoader
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..data.plan import BatchPlan, epoch_order, make_batch_plan, num_batches
+from ..data.units import UNIT_TABLE
 
 # --------------------------------------------------------------------------------------------
 # Gate rates
@@ -35,38 +36,38 @@ def gate_rates(cfg: Config, n_images: int, samples: int, seed: int) -> dict:
 
     Batches of `cfg.data.batch_size` (clipped to the dataset size so tiny folders still work)
     follow `epoch_order` epoch after epoch, as the loader does, until `samples` samples are
-    covered. CutMix has one coin per batch: its rate and n count batches. Erasing also reports
-    `applied`, the share of samples where a fitting box was found and pixels were really erased.
+    covered. A per-batch unit (CutMix) has one coin per batch: its rate and n count batches.
+    Erasing also reports `applied`, the share of samples where a fitting box was found and pixels
+    were really erased.
     """
     if samples < 1:
         raise DataError(f"--samples must be at least 1, got {samples}")
     size = cfg.data.image_size
     bs = min(cfg.data.batch_size, n_images)
     per_epoch = num_batches(n_images, bs, cfg.data.drop_last)
-    fired = {unit: [] for unit in UNITS[:-1]}
-    erased, cutmix = [], []
-    covered, epoch = 0, 0
+    fired = {unit.name: [] for unit in UNIT_TABLE}
+    erased = []
+    covered, epoch, batches = 0, 0, 0
     while covered < samples:
         order = epoch_order(n_images, seed, epoch)
         for b in range(per_epoch):
             plan = make_batch_plan(cfg.vsm, size, seed, epoch, b, order[b * bs:(b + 1) * bs])
             k = min(bs, samples - covered)  # the last batch counts only the samples still needed
-            for unit in fired:
-                fired[unit].append(plan.gates[unit][:k])
+            for unit in UNIT_TABLE:
+                fired[unit.name].append(plan.gates[unit.name][:1 if unit.per_batch else k])
             erased.append((plan.erase_box[:k, 2] > 0) & (plan.erase_box[:k, 3] > 0))
-            cutmix.append(bool(plan.gates["cutmix"][0]))
-            covered += k
+            covered, batches = covered + k, batches + 1
             if covered >= samples:
                 break
         epoch += 1
 
     out = {}
-    for unit in UNITS:
-        hits = np.asarray(cutmix) if unit == "cutmix" else np.concatenate(fired[unit])
-        out[unit] = {"p": float(getattr(cfg.vsm, unit).p), "rate": float(hits.mean()),
-                     "n": int(hits.size), "per": "batch" if unit == "cutmix" else "sample"}
+    for unit in UNIT_TABLE:
+        hits = np.concatenate(fired[unit.name])
+        out[unit.name] = {"p": float(getattr(cfg.vsm, unit.name).p), "rate": float(hits.mean()),
+                          "n": int(hits.size), "per": "batch" if unit.per_batch else "sample"}
     out["erasing"]["applied"] = float(np.concatenate(erased).mean())
-    return {"gates": out, "samples": covered, "batches": len(cutmix), "batch_size": bs,
+    return {"gates": out, "samples": covered, "batches": batches, "batch_size": bs,
             "epochs": epoch}
 
 
@@ -102,29 +103,7 @@ def pick_rows(samples: list[tuple[str, int]], rows: int, seed: int) -> list[int]
 
 def describe(plan: BatchPlan, j: int, row_names: list[str]) -> str:
     """What fired for sample j of the plan, in pipeline order, as short wrapped text."""
-    g = {unit: bool(v[j]) for unit, v in plan.gates.items()}
-    parts = []
-    if g["color_jitter"]:
-        parts.append(f"jitter b{plan.brightness[j]:.2f} c{plan.contrast[j]:.2f} s{plan.saturation[j]:.2f}")
-    if g["rotation"]:
-        parts.append(f"rot {plan.angle[j]:+.0f}°")
-    flips = "".join(c for c, unit in (("H", "hflip"), ("V", "vflip")) if g[unit])
-    if flips:
-        parts.append(f"flip {flips}")
-    if g["grayscale"]:
-        parts.append("gray")
-    if g["autocontrast"]:
-        parts.append("autocontrast")
-    if g["erasing"]:
-        h, w = plan.erase_box[j, 2:]
-        parts.append(f"erase {w}x{h}" if h and w else "erase (no box fits)")
-    if g["resized_crop"]:
-        _, _, h, w = plan.crop_box[j]
-        parts.append(f"crop {w}x{h}")
-    if g["cutmix"]:
-        k = int(plan.cutmix_perm[j])
-        partner = "self (unchanged)" if k == j else row_names[int(plan.indices[k])]
-        parts.append(f"cutmix <- {partner} {plan.cutmix_weight[j]:.0%}")
+    parts = [unit.describe(plan, j, row_names) for unit in UNIT_TABLE if plan.gates[unit.name][j]]
     return textwrap.fill(", ".join(parts) or "(nothing fired)", width=34)
 
 
@@ -143,8 +122,9 @@ def _erase_box_shown(plan: BatchPlan, j: int, size: int):
     return y, x, h, w
 
 
-def augmented_views(paths, labels, cfg: Config, device: str, seed: int, views: int):
-    """Yield (epoch, plan, images HWC [0, 1]) from the real DALI loader over these images only.
+def augmented_views(paths, labels, cfg: Config, device, seed: int, views: int):
+    """Yield (epoch, plan, images HWC [0, 1]) from the real DALI loader over these images only
+    (`device`: a device or the command's `Runtime`, as `DaliLoader.from_config` takes it).
 
     The loader gets batch size = len(paths), so each epoch is one batch holding every image. Keys
     are indices into this subset, so a view here is not the one the image gets in full training,
@@ -173,7 +153,7 @@ def augmented_views(paths, labels, cfg: Config, device: str, seed: int, views: i
 
 
 def render_grid(root, samples, classes, cfg: Config, out, rows: int = 6, views: int = 6,
-                seed: int = 0, device: str = "cpu") -> Path:
+                seed: int = 0, device="cpu") -> Path:
     """Save the grid PNG to `out`: per row the resized original, then one view per epoch."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
@@ -244,26 +224,22 @@ def preview(data, *, samples: int, out, rows: int, device: str, seed=None, **opt
     """Gate rates over `samples` samples of the plan and the grid PNG of real DALI views."""
     import time
 
-    import torch
-
+    from ..runtime import resolve_runtime
     from .common import config_from_options
 
     start = time.perf_counter()
-    cfg = config_from_options("erkt", **options)
+    cfg = config_from_options("erkt", device=device, **options)
     seed = cfg.run.seed if seed is None else seed
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but CUDA is not available here: use --device cpu or auto")
+    rt = resolve_runtime(cfg.run)  # where the grid's DALI pipeline runs
     classes, items = scan(data)
     rates = gate_rates(cfg, len(items), samples, seed)
     shown, unreadable = readable_rows(data, items, rows, seed)
     # DALI may log to stdout; keep stdout for our own output (one JSON object with --json).
     with stdout_to_stderr():
-        grid = render_grid(data, shown, classes, cfg, out, rows=len(shown), seed=seed, device=device)
+        grid = render_grid(data, shown, classes, cfg, out, rows=len(shown), seed=seed, device=rt)
     return {"gates": rates["gates"], "samples": rates["samples"], "batches": rates["batches"],
             "batch_size": rates["batch_size"], "preset": cfg.preset, "seed": seed,
-            "device": device, "grid": str(grid), "unreadable": unreadable,
+            "device": str(rt.device), "grid": str(grid), "unreadable": unreadable,
             "seconds": round(time.perf_counter() - start, 2), "_rates": rates}
 
 

@@ -3,150 +3,234 @@
     SWEEP/seed-<s>/split                      dali-erkt split (the seed draws the split too)
     SWEEP/seed-<s>/teachers/<arch>            dali-erkt train-teacher, one per teacher
     SWEEP/seed-<s>/students/<name>            dali-erkt distill, one per configuration
-    SWEEP/seed-<s>/cache-<views>              the teacher logit cache the students replay
+    SWEEP/seed-<s>/cache-<views>              the teacher logit cache the students replay: one per
+                                              set of views and teachers (`teacher_cache.config_key`)
     SWEEP/seed-<s>/ensemble.json              Table 6: the ensemble's OA per weight (no training)
 
-Every step is a command line (`--print-commands` prints them for a scheduler); a finished step
-(its summary.json) is skipped and a started one resumed, so a killed sweep goes on where it
-stopped.
+Every step is a command and its settings (`Step`), run in this process through the command's
+library function; `--print-commands` prints each as the `dali-erkt` line that runs the same. A
+finished step (its done file) is skipped and a started one resumed, so a killed sweep goes on
+where it stopped.
 """
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
-import shlex
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import resolve_config
+from ..config import Config
 from ..errors import ConfigError
+from .common import FLAG_KEYS, config_from_options
 
 B3_WEIGHTS = (0.1, 0.3, 0.5, 0.7, 0.9)
-TABLES = {  # the paper's tables: (name, distill arguments)
-    "6": [(f"b3-{w}", ["--set", f"model.teacher_weights=[{w},{round((1 - w) / 2, 4)},{round((1 - w) / 2, 4)}]"])
-          for w in B3_WEIGHTS],
-    "7": [(f"ratio-{r}", ["--set", f"loss.ratio={r}"]) for r in (0.0, 0.5, 1.0, 1.5, 2.0)],
-    "9": [("base", ["--no-teacher", "--preset", "base"]), ("dist", ["--preset", "base"]),
-          ("erkt", ["--preset", "erkt"])],
+TABLES = {  # the named tables: what each one varies
+    "6": "EfficientNet-B3's weight (the first teacher's)",
+    "7": "the loss ratio R",
+    "9": "the ablation: Base, DIST, ERKT",
+    "kd": "the KD method on one teacher cache: DIST, KD, DKD",
 }
-# Settings that change the views (and so the teacher cache's key), by prefix.
-_VIEW_KEYS = ("vsm.", "data.", "run.seed", "preset", "--preset", "--image-size", "--batch-size")
+# The keyword arguments of a training command that resolve its configuration.
+_CONFIG_ARGS = {"config_path", "preset", "overrides", *FLAG_KEYS}
 
 
 @dataclass
 class Step:
     kind: str  # split | teacher | student
-    argv: list[str]  # dali-erkt's arguments
+    command: str  # the dali-erkt command: split | train-teacher | distill
     folder: Path  # done when it holds `done`
     done: str
+    # The keyword arguments of the command's library function (`commands.data.split`,
+    # `commands.train.train_teacher`, `commands.train.distill`), by the command line's names.
+    args: dict = field(default_factory=dict)
 
-    def line(self) -> str:
-        return shlex.join(["dali-erkt"] + self.argv)
+
+def b3_weights(w: float, n_teachers: int) -> tuple[float, ...]:
+    """Table 6's teacher weights: `w` for the first teacher (EfficientNet-B3 in the paper), the
+    rest shared equally by the others, rounded to 4 digits (the same weights train the students
+    and combine the ensemble in ensemble.json)."""
+    if n_teachers < 2:
+        raise ConfigError(f"--table 6 varies the first teacher's weight against the others: it "
+                          f"needs at least two teachers (model.teachers has {n_teachers})")
+    return (w,) + (round((1 - w) / (n_teachers - 1), 4),) * (n_teachers - 1)
 
 
-def grid(vary: list[str], table: str | None) -> list[tuple[str, list[str]]]:
-    """(name, distill arguments) for each student configuration."""
+def table_grid(table: str, teachers) -> list[tuple[str, dict]]:
+    """(name, distill settings) of a named table's students."""
+    if table == "6":
+        return [(f"b3-{w}", {"overrides": (
+            f"model.teacher_weights=[{','.join(str(x) for x in b3_weights(w, len(teachers)))}]",)})
+            for w in B3_WEIGHTS]
+    if table == "7":
+        return [(f"ratio-{r}", {"overrides": (f"loss.ratio={r}",)}) for r in (0.0, 0.5, 1.0, 1.5, 2.0)]
+    if table == "9":
+        return [("base", {"no_teacher": True, "preset": "base"}), ("dist", {"preset": "base"}),
+                ("erkt", {"preset": "erkt"})]
+    if table == "kd":  # the KD and DKD papers' temperature 4; DIST keeps its default (2)
+        return [("dist", {"overrides": ("loss.kind=dist",)}),
+                ("kd", {"overrides": ("loss.kind=kd", "loss.tau=4")}),
+                ("dkd", {"overrides": ("loss.kind=dkd", "loss.tau=4")})]
+    raise ConfigError(f"--table {table}: choose one of {', '.join(TABLES)}")
+
+
+def grid(vary, table: str | None, teachers=()) -> list[tuple[str, dict]]:
+    """(name, distill settings) for each student configuration: a named table's, or the product
+    of the --vary axes (`preset=base,erkt` varies the preset, any other key a setting; a list
+    value is bracketed: `model.teacher_weights=[0.2,0.8],[0.8,0.2]`)."""
     if table is not None:
-        if table not in TABLES:
-            raise ConfigError(f"--table {table}: choose one of {', '.join(TABLES)}")
-        return TABLES[table]
+        return table_grid(table, teachers)
     axes = []
     for item in vary:
         key, _, values = item.partition("=")
         if not key or not values:
             raise ConfigError(f"--vary {item!r} must look like KEY=V1,V2,...")
-        axes.append([(key, v) for v in values.split(",")])
+        axes.append([(key.strip(), v) for v in _values(values)])
     if not axes:
-        return [("default", [])]
-    return [(",".join(f"{k}={v}" for k, v in combo), [a for k, v in combo for a in ("--set", f"{k}={v}")])
-            for combo in itertools.product(*axes)]
+        return [("default", {})]
+    out = []
+    for combo in itertools.product(*axes):
+        settings = {"overrides": tuple(f"{k}={v}" for k, v in combo if k != "preset")}
+        settings.update({"preset": v for k, v in combo if k == "preset"})
+        out.append((",".join(f"{k}={v}" for k, v in combo), settings))
+    return out
 
 
-def plan(data, train_ratio: float, seeds, out, *, vary=(), table=None, options=()) -> list[Step]:
-    """Every step of the sweep, in order. `options` are passed to every training command."""
-    options = [str(o) for o in options]
-    cfg = resolve_config("erkt", overrides=_sets(options))
+def _values(text: str) -> list[str]:
+    """A --vary axis's values: split at the commas outside brackets (`[0.2,0.8],[0.8,0.2]`)."""
+    values, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch in "[{(") - (ch in "]})")
+        if ch == "," and depth == 0:
+            values.append(text[start:i])
+            start = i + 1
+    return values + [text[start:]]
+
+
+def plan(data, train_ratio: float, seeds, out, *, vary=(), table=None, options=None) -> list[Step]:
+    """Every step of the sweep, in order. `options` (keyword arguments of the training commands:
+    `overrides`, `epochs`, `device`, `progress`, ...) go to every teacher and student."""
+    options = dict(options or {})
+    if options.get("seed") is not None:
+        raise ConfigError("sweep seeds its runs with --seeds (a seed draws the split and seeds "
+                          "every run of it), not --seed")
+    options.pop("seed", None)
+    common = tuple(options.pop("overrides", ()))
+    teachers = _config({**options, "overrides": common}).model.teachers
+    students = grid(list(vary), table, teachers)
     steps = []
     for seed in seeds:
         root = Path(out) / f"seed-{seed}"
         split = root / "split"
-        steps.append(Step("split", ["split", str(data), "--train-ratio", str(train_ratio), "--seed",
-                                    str(seed), "--out", str(split)], split, "split.yaml"))
-        for arch in cfg.model.teachers:
+        steps.append(Step("split", "split", split, "split.yaml", {
+            "data": str(data), "train_ratio": train_ratio, "seed": seed, "out_dir": str(split)}))
+        for arch in teachers:
             folder = root / "teachers" / arch
-            steps.append(Step("teacher", ["train-teacher", "--split", str(split), "--arch", arch,
-                                          "--out", str(folder), "--seed", str(seed), *options],
-                              folder, "summary.json"))
-        for name, extra in grid(list(vary), table):
+            steps.append(Step("teacher", "train-teacher", folder, "summary.json", _drop_empty({
+                "split_dir": str(split), "arch": arch, "out_dir": str(folder), "seed": seed,
+                **options, "overrides": common})))
+        for name, extra in students:
             folder = root / "students" / name
-            argv = ["distill", "--split", str(split), "--teachers", str(root / "teachers"), "--out",
-                    str(folder), "--seed", str(seed), *options, *extra]
-            if "--no-teacher" not in extra:
-                pairs = [" ".join(extra[i:i + 2]) for i in range(0, len(extra) - 1, 2)]
-                views = [pair.split(" ", 1)[1] if pair.startswith("--set ") else pair for pair in pairs]
-                views = [v for v in views if v.startswith(_VIEW_KEYS)]
-                tag = hashlib.sha256(" ".join(views).encode()).hexdigest()[:8] if views else "default"
-                argv += ["--teacher-cache", str(root / f"cache-{tag}")]
-            steps.append(Step("student", argv, folder, "summary.json"))
+            args = _drop_empty({"split_dir": str(split), "teacher_dir": str(root / "teachers"),
+                                "out_dir": str(folder), "seed": seed, **options, **extra,
+                                "overrides": common + tuple(extra.get("overrides", ()))})
+            if not args.get("no_teacher"):
+                args["teacher_cache"] = str(root / f"cache-{cache_tag(_config(args))}")
+            steps.append(Step("student", "distill", folder, "summary.json", args))
     return steps
 
 
-def _sets(options: list[str]) -> list[str]:
-    """The `--set` values among a command line's options."""
-    return [options[i + 1] for i, o in enumerate(options) if o == "--set"]
+def cache_tag(cfg: Config) -> str:
+    """The name of the cache a distillation with `cfg` reads and fills in its seed's folder: a
+    hash of `teacher_cache.config_key` with the runtime resolved as the run will resolve it, so
+    two students share a cache exactly when their views and teachers are the same (the split and
+    the teachers' checkpoints are those of the seed)."""
+    from ..runtime import choose_precision, resolve_device
+    from ..teacher_cache import config_key
+
+    run = cfg.run
+    try:
+        device = resolve_device(run.device)
+        device_type, precision = device.type, choose_precision(device, run.precision)
+    except ConfigError:  # a device this machine lacks (printing for another): name what is asked
+        device_type, precision = run.device.split(":")[0], run.precision
+    key = config_key(cfg, precision, device_type, run.channels_last,
+                     int(os.environ.get("WORLD_SIZE", "1")))
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def run(steps: list[Step], invoke, log) -> dict:
-    """Run each step not done yet through `invoke(argv)` (resuming a started run)."""
+def _config(args: dict) -> Config:
+    """The configuration a training command resolves from these arguments (as distill does)."""
+    flags = {"model.teachers": (), "model.teacher_weights": ()} if args.get("no_teacher") else None
+    return config_from_options("erkt", extra_flags=flags,
+                               **{k: v for k, v in args.items() if k in _CONFIG_ARGS})
+
+
+def _drop_empty(args: dict) -> dict:
+    return {k: v for k, v in args.items() if v not in (None, ())}
+
+
+def _function(command: str):
+    """The library function a command line's command calls."""
+    from .data import split
+    from .train import distill, train_teacher
+    return {"split": split, "train-teacher": train_teacher, "distill": distill}[command]
+
+
+def run(steps: list[Step], line, log) -> dict:
+    """Run each step not done yet in this process (resuming a started run); `line(command, args)`
+    renders what runs for the log."""
+    from .data import skipped_line
+
     counts = {"done": 0, "ran": 0, "resumed": 0}
     for step in steps:
         if (step.folder / step.done).exists():
             counts["done"] += 1
             continue
-        argv = list(step.argv)
+        args = dict(step.args)
         if step.kind != "split" and (step.folder / "config.yaml").exists():
-            argv.append("--resume")
+            args["resume"] = True
             counts["resumed"] += 1
         else:
             counts["ran"] += 1
-        log(f"sweep: {shlex.join(['dali-erkt'] + argv)}")
-        invoke(argv)
+        log(f"sweep: {line(step.command, args)}")
+        result = _function(step.command)(**args)
+        if step.kind == "split" and skipped_line(result["skipped"]):
+            log(skipped_line(result["skipped"]))
     return counts
 
 
-def ensemble_table(seed_root: Path, options=(), device: str = "auto") -> dict:
+def ensemble_table(seed_root: Path, options=None) -> dict:
     """Table 6's ensemble OA per EfficientNet-B3 weight: the teachers' test logits computed once,
-    then combined per weight (no training). Written to `ensemble.json`."""
+    then combined per weight (no training). Written to `ensemble.json`. `options` as `plan`'s."""
     import torch
 
-    from ..checkpoint import load_checkpoint
+    from ..config import to_dict
+    from ..run_state import stored_config
     from ..data.dataset import load_split
     from ..data.loader import DaliLoader
     from ..io import atomic_write_text
     from ..models import build_ensemble, combine_logits, place
     from ..runtime import resolve_runtime
-    from ..tasks import predict_members
+    from ..teachers import predict_members
 
-    sets = _sets([str(o) for o in options])
-    teachers = resolve_config("erkt", overrides=sets).model.teachers
+    options = {k: v for k, v in (options or {}).items() if k in _CONFIG_ARGS and k != "seed"}
+    teachers = _config(options).model.teachers
     paths = [seed_root / "teachers" / a / "last.pt" for a in teachers]
-    stored = load_checkpoint(paths[0])["config"]  # the teachers' image size and normalisation
-    cfg = resolve_config("erkt", overrides=sets, base={"data": stored["data"]},
-                         flags={"run.device": device})
+    stored = stored_config(paths[0])  # the teachers' image size and normalisation
+    cfg = config_from_options("erkt", base={"data": to_dict(stored.data)}, **options)
     split = load_split(seed_root / "split")
     m = cfg.model
     ens = build_ensemble(m.teachers, paths, m.teacher_weights, m.combine, split.classes)
     rt = resolve_runtime(cfg.run)
-    loader = DaliLoader.from_config(split.paths("test"), split.labels("test"), cfg, device=rt.device,
-                                    train=False)
+    loader = DaliLoader.from_split(split, "test", cfg, device=rt.device, train=False)
     members = predict_members(place(ens, rt.device, rt.channels_last), loader, rt).float()
     labels = torch.tensor(split.labels("test"), device=members.device)
     oa = {}
     for w in B3_WEIGHTS:
-        weights = torch.tensor([w] + [(1 - w) / (len(teachers) - 1)] * (len(teachers) - 1),
-                               device=members.device)
-        logits = combine_logits(members, weights.view(-1, 1, 1), m.combine)
+        weights = torch.tensor(b3_weights(w, len(teachers)), device=members.device)
+        logits = combine_logits(members, (weights / weights.sum()).view(-1, 1, 1), m.combine)
         oa[str(w)] = float((logits.argmax(1) == labels).float().mean())
     result = {"teachers": list(teachers), "ensemble_oa": oa}
     atomic_write_text(seed_root / "ensemble.json", json.dumps(result, indent=2) + "\n")

@@ -4,11 +4,11 @@ from __future__ import annotations
 import time
 
 from ..data.dataset import load_split
-from ..data.loader import DaliLoader
-from ..engine import fit, main_logger
+from ..engine import fit, main_logger, split_loaders
 from ..models import build_ensemble
-from ..tasks import Distillation, Supervised, fill_teacher_cache
+from ..tasks import Distillation, Supervised
 from ..teacher_cache import open_cache
+from ..teachers import CachedTeacher, fill_cache, teacher_source
 from ..runtime import close_process_group, resolve_runtime
 from .common import config_from_options, resume_base, teacher_paths, weights_flags
 
@@ -33,16 +33,17 @@ def train_teacher(split_dir, arch, out_dir, *, weights=None, pretrained=False, r
 def distill(split_dir, out_dir, *, teacher_dir=None, teachers=(), weights=None, pretrained=False,
             resume=False, allow_changes=False, progress=True, config_path=None, teacher_cache=None,
             no_teacher=False, **options) -> dict:
-    """Distil the frozen teacher ensemble into the student (the VSM + CE + DIST); with
-    `teacher_cache`, the teachers' logits are read from it where it holds them, else written.
-    `no_teacher` (or loss.ratio = 2, where the teacher's term has weight 0) trains the student
-    on its own, without running any teacher: the paper's Base."""
+    """Distil the frozen teacher ensemble into the student (the VSM + CE + the KD loss
+    `loss.kind`, DIST by default); with `teacher_cache`, the teachers' logits are read from it
+    where it holds them, else written. `no_teacher`, loss.kind = none (R * CE) or loss.ratio = 2
+    (the teacher's term has weight 0) train the student on its own, without running any
+    teacher: the paper's Base."""
     flags = weights_flags(weights, pretrained)
     if no_teacher:
         flags.update({"model.teachers": (), "model.teacher_weights": ()})
     cfg = config_from_options("erkt", config_path=resume_base(resume, out_dir, config_path),
                               extra_flags=flags, **options)
-    without_teacher = no_teacher or cfg.loss.ratio == 2.0
+    without_teacher = no_teacher or cfg.loss.kind == "none" or cfg.loss.ratio == 2.0
     if without_teacher:
         split = load_split(split_dir)
     else:
@@ -54,7 +55,7 @@ def distill(split_dir, out_dir, *, teacher_dir=None, teachers=(), weights=None, 
         else:
             cache = None if teacher_cache is None else \
                 open_cache(teacher_cache, cfg, split, paths, rt, cfg.optim.epochs, main_logger(rt))
-            task = Distillation.from_config(ensemble, cfg.loss, cache)
+            task = Distillation.from_config(teacher_source(ensemble, cache), cfg.loss)
         return fit(cfg, split, out_dir, task, rt, resume=resume, allow_changes=allow_changes,
                    progress=progress)
     finally:
@@ -70,13 +71,9 @@ def cache_teachers(split_dir, teacher_cache, *, teacher_dir=None, teachers=(), c
     try:
         log = main_logger(rt)
         cache = open_cache(teacher_cache, cfg, split, paths, rt, cfg.optim.epochs, log)
-        train = DaliLoader.from_config(split.paths("train"), split.labels("train"), cfg,
-                                       device=rt.device, train=True, rank=rt.rank, world=rt.world)
-        test = DaliLoader.from_config(split.paths("test"), split.labels("test"), cfg,
-                                      device=rt.device, train=False)
+        train, test = split_loaders(split, cfg, rt)
         start = time.time()
-        filled = fill_teacher_cache(Distillation.from_config(ensemble, cfg.loss, cache), train, test,
-                                    cfg.optim.epochs, rt, log)
+        filled = fill_cache(CachedTeacher(ensemble, cache), train, test, cfg.optim.epochs, rt, log)
         return {"cache": str(teacher_cache), "epochs": cfg.optim.epochs, "filled": filled,
                 "seconds": round(time.time() - start, 2)}
     finally:

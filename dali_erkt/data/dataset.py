@@ -115,6 +115,23 @@ def scan(root) -> tuple[list[str], list[tuple[str, int]]]:
     return tree.classes, tree.samples
 
 
+def list_images(folder, recursive: bool = False) -> list[Path]:
+    """The one image lister: the image files in `folder` by name (IMAGE_EXTENSIONS, not hidden),
+    sorted; with `recursive`, also those in its non-hidden sub-folders, walked as `scan_tree`
+    walks a class (links followed, a loop refused). None found is a one-line DataError."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder of images")
+    if recursive:
+        found = sorted(Path(dirpath) / f for dirpath, _, filenames in _walk(folder, folder)
+                       for f in filenames if _is_image(f))
+    else:
+        found = sorted(Path(e.path) for e in os.scandir(folder) if e.is_file() and _is_image(e.name))
+    if not found:
+        raise DataError(f"folder {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return found
+
+
 # --------------------------------------------------------------------------------------------
 # Splits
 # --------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from typing import NamedTuple
 import torch
 
 from ..config import VSMConfig, vsm_preset
-from ..errors import DataError
+from ..errors import ConfigError, DataError
+from ..runtime import Runtime, resolve_device
 from .dataset import why_unreadable
 from .pipeline import EVAL_OUTPUTS, OUTPUTS, eval_pipeline, train_pipeline
 from .source import EpochSource
@@ -55,15 +56,13 @@ class Batch(NamedTuple):
 
 
 def device_id_of(device) -> int | None:
-    """DALI's device_id for a torch device: None runs the CPU pipeline."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return None
-    if device.type != "cuda":
-        raise DataError(f"the DALI loader runs on cpu or cuda devices, not {device.type}")
-    if not torch.cuda.is_available():
-        raise DataError(f"device {device} asked for, but CUDA is not available here: use device='cpu'")
-    return device.index if device.index is not None else torch.cuda.current_device()
+    """DALI's device_id for a device (a torch.device or a name, read by `runtime.resolve_device`,
+    the one device parser): None runs the CPU pipeline. A bad device is a one-line DataError."""
+    try:
+        device = resolve_device(device, what="the loader's device")
+    except ConfigError as exc:
+        raise DataError(str(exc)) from None
+    return None if device.type == "cpu" else device.index
 
 
 class _EpochSampler:
@@ -131,13 +130,28 @@ class DaliLoader:
     @classmethod
     def from_config(cls, paths, labels, cfg, *, device, train: bool = True, seed: int | None = None,
                     rank: int = 0, world: int = 1, batch_size: int | None = None) -> "DaliLoader":
-        """The loader a run's configuration describes (data and VSM settings)."""
+        """The loader a run's configuration describes (data and VSM settings). `device`: a
+        device, or the run's `Runtime`: its device, and its `dali_threads` where resolved (in
+        place of data.num_threads)."""
         d = cfg.data
+        threads = d.num_threads
+        if isinstance(device, Runtime):
+            device, threads = device.device, device.dali_threads or d.num_threads
         return cls(paths, labels, image_size=d.image_size, batch_size=batch_size or d.batch_size,
                    train=train, device=device, vsm=cfg.vsm, dtype=d.dtype, mean=d.mean, std=d.std,
-                   num_threads=d.num_threads, prefetch=d.prefetch,
+                   num_threads=threads, prefetch=d.prefetch,
                    seed=cfg.run.seed if seed is None else seed, rank=rank, world=world,
                    drop_last=d.drop_last)
+
+    @classmethod
+    def from_split(cls, split, part: str, cfg, *, device, train: bool, seed: int | None = None,
+                   rank: int = 0, world: int = 1, batch_size: int | None = None) -> "DaliLoader":
+        """The loader of one part ("train" or "test") of a `Split`, as `from_config` builds it
+        (`device`: a device or the run's `Runtime`). `train` has no default: the train part is
+        also evaluated (`evaluate --part train`)."""
+        return cls.from_config(split.paths(part), split.labels(part), cfg, device=device,
+                               train=train, seed=seed, rank=rank, world=world,
+                               batch_size=batch_size)
 
     # -- position ------------------------------------------------------------------------------
 

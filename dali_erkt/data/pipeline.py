@@ -1,76 +1,38 @@
 """The VSM as one DALI pipeline definition, for `device="gpu"` and `device="cpu"`.
 
 Data flow: file paths and the batch's plan come in through one external source (see
-`source.py`); files are read in DALI's threads (`fn.io.file.read`), images are decoded (nvJPEG on the GPU, "mixed"), resized to the training size,
-converted to float [0, 255], run through the nine units in the paper's order, and normalised to
-fp16 (or fp32) HWC. An NHWC tensor is what PyTorch calls channels-last NCHW: `permute(0, 3, 1, 2)`
-gives the model its input without a copy. Without normalisation the output is uint8 HWC.
+`source.py`); files are read in DALI's threads (`fn.io.file.read`), images are decoded (nvJPEG
+on the GPU, "mixed"), resized to the training size, converted to float [0, 255], run through the
+units of `units.UNIT_TABLE` in its order (the paper's), and normalised to fp16 (or fp32) HWC.
+An NHWC tensor is what PyTorch calls channels-last NCHW: `permute(0, 3, 1, 2)` gives the model
+its input without a copy. Without normalisation the output is uint8 HWC.
 
 Gating, per sample, never by blending (blending computes every unit for every sample):
-- a unit with 0 < p < 1 runs inside a DALI conditional (`if gate:`), so only the selected
+- a conditional unit with 0 < p < 1 runs inside a DALI conditional (`if gate:`), so only the selected
   samples do the work; p = 1 runs unconditionally and p = 0 is left out of the graph;
-- flips take per-sample `horizontal`/`vertical` arguments, erasing a per-sample box (an empty
-  box erases nothing), CutMix per-sample paste lists (a sample pasting onto itself is unchanged).
+- the other units read per-sample inputs: a flip flag, an erasing box (an empty box erases
+  nothing), CutMix paste lists (a sample pasting onto itself is unchanged).
 All parameters are CPU inputs from the plan; only image data lives on the GPU.
 
 Both functions take plain values; `names` are the source's outputs, in order (`source.names`).
 """
 from __future__ import annotations
 
-import nvidia.dali.math as dmath
 from nvidia.dali import fn, pipeline_def, types
 
-from ..config import VSMConfig, crop_size
+from ..config import VSMConfig
+from .units import UNIT_TABLE, clamp255
 
-# torchvision's rgb_to_grayscale weights, so the twin and the pipeline agree.
-LUMA = (0.2989, 0.587, 0.114)
 OUTPUTS = ("images", "labels", "partner_labels", "mix_weight", "indices")
 EVAL_OUTPUTS = ("images", "labels", "indices")
 
-# Each DALI operator is a pass over the whole batch, and on the CPU their costs differ widely
-# (classic executor, 256 px float images, per image and operator: an arithmetic operator about
-# 0.08 ms, dmath.clamp 0.5, min(max()) 0.15, a 3x3 coord_transform 0.8, a 1x3 one 0.3): the units
-# use the cheap ones, with the same arithmetic as torchvision up to float rounding.
-
-
-def _clamp(x):
-    return dmath.min(dmath.max(x, 0.0), 255.0)  # three times cheaper than dmath.clamp on the CPU
-
-
-def _luma(x):
-    """HW1 gray image of an HWC float image (torchvision's weights)."""
-    return fn.coord_transform(x, M=list(LUMA))
-
-
-def color_jitter(x, brightness, contrast, saturation):
-    """torchvision's adjust_brightness, _contrast, _saturation, in that order, on [0, 255]."""
-    x = dmath.min(x * brightness, 255.0)  # x >= 0 and a factor >= 0: only the upper bound bites
-    # torchvision's contrast blends with the mean of the gray image: the luma of the channel means.
-    mean = fn.coord_transform(fn.reductions.mean(x, axes=[0, 1], keep_dims=True), M=list(LUMA))
-    x = _clamp(x * contrast + mean * (1.0 - contrast))
-    return _clamp(x * saturation + _luma(x) * (1.0 - saturation))
-
-
-def grayscale(x):
-    g = _luma(x)
-    return fn.cat(g, g, g, axis=2)
-
-
-def autocontrast(x):
-    """Per-channel min/max stretch to [0, 255]; a flat channel stays as it is (torchvision)."""
-    lo = fn.reductions.min(x, axes=[0, 1], keep_dims=True)
-    hi = fn.reductions.max(x, axes=[0, 1], keep_dims=True)
-    flat = fn.cast(hi == lo, dtype=types.FLOAT)
-    scale = 255.0 / (hi - lo + flat * 255.0)  # flat channel: scale 1 ...
-    lo = lo - lo * flat  # ... and offset 0
-    return _clamp((x - lo) * scale)
-
 
 def _gated(p: float, gate, unit, x):
-    """Run `unit` on the samples whose gate is set; p = 1 and p = 0 need no conditional."""
+    """Run `unit` on the samples whose gate is set; p = 1 and p = 0 need no conditional, and a
+    unit without a gate (None) runs on every sample."""
     if p <= 0.0:
         return x
-    if p >= 1.0:
+    if p >= 1.0 or gate is None:
         return unit(x)
     if gate:
         x = unit(x)
@@ -78,28 +40,11 @@ def _gated(p: float, gate, unit, x):
 
 
 def vsm_units(x, inp: dict, v: VSMConfig, size: int, mean, to_device):
-    """The nine gated units on float [0, 255] HWC images `x`; `inp` holds the plan's nodes."""
-    fill = [255.0 * m for m in mean]  # erased pixels become 0 after normalisation
-    x = _gated(v.color_jitter.p, inp.get("color_jitter"), lambda t: color_jitter(
-        t, to_device(inp["brightness"]), to_device(inp["contrast"]), to_device(inp["saturation"])), x)
-    x = _gated(v.rotation.p, inp.get("rotation"), lambda t: fn.rotate(
-        t, angle=inp["angle"], interp_type=types.INTERP_NN, fill_value=0.0, keep_size=True), x)
-    if v.hflip.p > 0 or v.vflip.p > 0:
-        x = fn.flip(x, horizontal=inp["hflip"], vertical=inp["vflip"])
-    x = _gated(v.grayscale.p, inp.get("grayscale"), grayscale, x)
-    x = _gated(v.autocontrast.p, inp.get("autocontrast"), autocontrast, x)
-    if v.erasing.p > 0:
-        x = fn.erase(x, anchor=inp["erase_anchor"], shape=inp["erase_shape"], axis_names="HW",
-                     fill_value=fill)
-    crop = crop_size(v.resized_crop, size)
-    x = _gated(v.resized_crop.p, inp.get("resized_crop"), lambda t: fn.resize(
-        fn.resize(t, roi_start=inp["crop_start"], roi_end=inp["crop_end"], roi_relative=False,
-                  size=[crop, crop], interp_type=types.INTERP_LINEAR, antialias=True),
-        size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True), x)
-    if v.cutmix.p > 0:
-        x = fn.multi_paste(x, in_ids=inp["paste_ids"], in_anchors=inp["paste_anchors"],
-                           shapes=inp["paste_shapes"], out_anchors=inp["paste_anchors"],
-                           output_size=[size, size])
+    """The units on float [0, 255] HWC images `x`; `inp` holds the plan's nodes."""
+    for unit in UNIT_TABLE:
+        cfg = getattr(v, unit.name)
+        gate = inp.get(unit.name) if unit.conditional else None
+        x = _gated(cfg.p, gate, lambda t: unit.dali(t, inp, cfg, size, mean, to_device), x)
     return x
 
 
@@ -113,7 +58,7 @@ def _decode_resize(encoded, size: int, gpu: bool):
 def _finish(x, normalize: bool, mean, std, dtype: str):
     """Normalised fp16/fp32 HWC, or (normalize=False) uint8 HWC (DALI's cast rounds to nearest)."""
     if not normalize:
-        return fn.cast(_clamp(x), dtype=types.UINT8)
+        return fn.cast(clamp255(x), dtype=types.UINT8)
     return fn.crop_mirror_normalize(x, dtype=types.FLOAT16 if dtype == "float16" else types.FLOAT,
                                     output_layout="HWC", mean=[255.0 * m for m in mean],
                                     std=[255.0 * s for s in std])

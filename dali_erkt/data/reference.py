@@ -2,20 +2,21 @@
 
 It is the reference the tests compare the DALI pipeline with, and (as `ReferenceLoader`) the
 paper-style torchvision DataLoader that the benchmark measures DALI against. Images are float
-tensors in [0, 1], CHW; the units run in the paper's order with the plan's parameters.
+tensors in [0, 1], CHW; the units' twins (`units.UNIT_TABLE`) run in the table's order with the
+plan's parameters.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
-from torchvision.transforms import InterpolationMode
 
-from ..config import VSMConfig, crop_size
+from ..config import VSMConfig
 from .dataset import load_rgb
 from .loader import Batch
 from .plan import BatchPlan, make_batch_plan
 from .source import EpochSource
+from .units import UNIT_TABLE, resize
 
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
@@ -25,49 +26,22 @@ def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 255.0
 
 
-def resize(img: torch.Tensor, size: int) -> torch.Tensor:
-    return F.resize(img, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
-
-
 def apply_sample(img: torch.Tensor, plan: BatchPlan, i: int, vsm: VSMConfig, image_size: int,
                  mean) -> torch.Tensor:
-    """Units 1-8 (all but CutMix) on sample i of the plan."""
-    g = {unit: bool(v[i]) for unit, v in plan.gates.items()}
-    if g["color_jitter"]:
-        img = F.adjust_brightness(img, float(plan.brightness[i]))
-        img = F.adjust_contrast(img, float(plan.contrast[i]))
-        img = F.adjust_saturation(img, float(plan.saturation[i]))
-    if g["rotation"]:
-        img = F.rotate(img, float(plan.angle[i]), interpolation=InterpolationMode.NEAREST, fill=0.0)
-    if g["hflip"]:
-        img = F.horizontal_flip(img)
-    if g["vflip"]:
-        img = F.vertical_flip(img)
-    if g["grayscale"]:
-        img = F.rgb_to_grayscale(img, num_output_channels=3)
-    if g["autocontrast"]:
-        img = F.autocontrast(img)
-    y, x, h, w = (int(v) for v in plan.erase_box[i])
-    if g["erasing"] and h > 0 and w > 0:
-        fill = torch.tensor(mean, dtype=img.dtype).view(3, 1, 1)
-        img = F.erase(img, y, x, h, w, fill)
-    if g["resized_crop"]:
-        y, x, h, w = (int(v) for v in plan.crop_box[i])
-        crop = crop_size(vsm.resized_crop, image_size)
-        img = F.resized_crop(img, y, x, h, w, [crop, crop], interpolation=InterpolationMode.BILINEAR,
-                             antialias=True)
-        img = resize(img, image_size)
+    """The per-sample units' twins, where sample i's gates fired."""
+    for unit in UNIT_TABLE:
+        if not unit.per_batch and plan.gates[unit.name][i]:
+            img = unit.twin(img, plan, i, getattr(vsm, unit.name), image_size, mean)
     return img
 
 
-def apply_cutmix(images: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
-    """Unit 9: paste each sample's partner box (one box per batch) into it."""
-    y, x, h, w = (int(v) for v in plan.cutmix_box)
-    if h == 0 or w == 0:
-        return images
-    out = images.clone()
-    out[:, :, y:y + h, x:x + w] = images[torch.as_tensor(plan.cutmix_perm), :, y:y + h, x:x + w]
-    return out
+def apply_batch(images: torch.Tensor, plan: BatchPlan, vsm: VSMConfig, image_size: int,
+                mean) -> torch.Tensor:
+    """The per-batch units' twins (CutMix), where the batch's gate fired."""
+    for unit in UNIT_TABLE:
+        if unit.per_batch and len(plan) and plan.gates[unit.name][0]:
+            images = unit.twin(images, plan, getattr(vsm, unit.name), image_size, mean)
+    return images
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
@@ -76,10 +50,10 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
 
 def apply_plan(images: list[torch.Tensor], plan: BatchPlan, vsm: VSMConfig, image_size: int,
                mean) -> torch.Tensor:
-    """The nine units on a batch of [0, 1] CHW images (already at the training size)."""
+    """The units on a batch of [0, 1] CHW images (already at the training size)."""
     out = torch.stack([apply_sample(img, plan, i, vsm, image_size, mean)
                        for i, img in enumerate(images)])
-    return apply_cutmix(out, plan)
+    return apply_batch(out, plan, vsm, image_size, mean)
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,7 +111,7 @@ class _Collate:
         if src.train:
             plan = make_batch_plan(src.vsm, src.image_size, src.seed, epoch, batch, idx,
                                    rank=src.rank)
-            images = apply_cutmix(images, plan)
+            images = apply_batch(images, plan, src.vsm, src.image_size, self.mean)
             partner = labels[torch.as_tensor(plan.cutmix_perm)]
             weight = torch.as_tensor(plan.cutmix_weight)
         else:

@@ -20,69 +20,33 @@ import numpy as np
 
 from ..config import VSMConfig
 from .plan import epoch_order, make_batch_plan, num_batches, shard
+from .units import UNIT_TABLE
 
-# The values a training batch may carry, in order. A unit with p = 0 is left out of the graph and
-# p = 1 needs no gate, so the source computes only what the configured graph uses.
-TRAIN_INPUTS = (
-    "path", "labels", "partner_labels", "mix_weight", "indices",
-    "color_jitter", "brightness", "contrast", "saturation",
-    "rotation", "angle", "hflip", "vflip", "grayscale", "autocontrast",
-    "erase_anchor", "erase_shape", "resized_crop", "crop_start", "crop_end",
-    "paste_ids", "paste_anchors", "paste_shapes",
-)
+# What every training batch carries; then each unit's gate and inputs (units.py), in table order.
+# A unit with p = 0 is left out of the graph and p = 1 needs no gate: the source yields only what
+# the configured graph reads.
+BASE_INPUTS = ("path", "labels", "partner_labels", "mix_weight", "indices")
 EVAL_INPUTS = ("path", "labels", "indices")
-_UNIT_INPUTS = {
-    "color_jitter": ("brightness", "contrast", "saturation"),
-    "rotation": ("angle",),
-    "hflip": ("hflip", "vflip"),
-    "vflip": ("hflip", "vflip"),
-    "grayscale": (),
-    "autocontrast": (),
-    "erasing": ("erase_anchor", "erase_shape"),
-    "resized_crop": ("crop_start", "crop_end"),
-    "cutmix": ("paste_ids", "paste_anchors", "paste_shapes"),
-}
-GATED = ("color_jitter", "rotation", "grayscale", "autocontrast", "resized_crop")
 
 
 def train_inputs(vsm: VSMConfig) -> tuple[str, ...]:
-    """The names the training source yields for these VSM settings, in TRAIN_INPUTS order."""
-    used = set(TRAIN_INPUTS[:5])
-    for unit, names in _UNIT_INPUTS.items():
-        p = getattr(vsm, unit).p
+    """The names the training source yields for these VSM settings."""
+    names = list(BASE_INPUTS)
+    for unit in UNIT_TABLE:
+        p = getattr(vsm, unit.name).p
         if p > 0:
-            used.update(names)
-            if p < 1 and unit in GATED:
-                used.add(unit)
-    return tuple(k for k in TRAIN_INPUTS if k in used)
+            names += ([unit.name] if unit.conditional and p < 1 else []) + list(unit.inputs)
+    return tuple(names)
 
 
 def plan_inputs(plan, size: int) -> dict[str, np.ndarray]:
     """The per-batch arrays the training pipeline reads, derived from a BatchPlan."""
-    n = len(plan)
-    g = plan.gates
-    eb = plan.erase_box.astype(np.float32)
-    cb = plan.crop_box.astype(np.float32)
-    box = plan.cutmix_box.astype(np.int32)
-    own = np.arange(n, dtype=np.int32)
-    # Every sample pastes itself whole, then its partner's box over it (an empty box: no change).
-    paste_ids = np.stack([own, plan.cutmix_perm.astype(np.int32)], axis=1)
-    anchors = np.zeros((n, 2, 2), dtype=np.int32)
-    anchors[:, 1] = box[:2]
-    shapes = np.empty((n, 2, 2), dtype=np.int32)
-    shapes[:, 0] = (size, size)
-    shapes[:, 1] = box[2:]
-    return {
-        "color_jitter": g["color_jitter"], "brightness": plan.brightness,
-        "contrast": plan.contrast, "saturation": plan.saturation,
-        "rotation": g["rotation"], "angle": plan.angle,
-        "hflip": g["hflip"].astype(np.int32), "vflip": g["vflip"].astype(np.int32),
-        "grayscale": g["grayscale"], "autocontrast": g["autocontrast"],
-        "erase_anchor": eb[:, :2].copy(), "erase_shape": eb[:, 2:].copy(),
-        "resized_crop": g["resized_crop"], "crop_start": cb[:, :2].copy(),
-        "crop_end": (cb[:, :2] + cb[:, 2:]).copy(),
-        "paste_ids": paste_ids, "paste_anchors": anchors, "paste_shapes": shapes,
-    }
+    values = {}
+    for unit in UNIT_TABLE:
+        values.update(unit.feed(plan, size))
+        if unit.conditional:
+            values[unit.name] = plan.gates[unit.name]
+    return values
 
 
 class EpochSource:
