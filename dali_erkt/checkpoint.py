@@ -74,9 +74,10 @@ def load_checkpoint(path, map_location="cpu") -> dict:
                               f"{_PLAIN}") from None
     except PermissionError:
         raise CheckpointError(f"checkpoint {path} cannot be read: permission denied") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - bytes that are no torch file fail in many ways
+        # (RuntimeError, EOFError, ValueError, IndexError, KeyError... from the unpickler)
         first = (str(exc).split(". ")[0].splitlines() or [type(exc).__name__])[0][:120]
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file ({first}): "
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch checkpoint ({first}): "
                               f"{_PLAIN}") from None
 
 
@@ -182,8 +183,20 @@ def load_state(model: nn.Module, state: dict, path, arch: str | None = None,
     if wrong:
         raise CheckpointError(f"checkpoint {path} does not fit {arch or type(model).__name__}: "
                               f"{len(wrong)} tensors differ in shape ({_listing(wrong)})")
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} holds NaN or infinite values in {bad}: it cannot "
+                              "be trained from; use another weights file")
     model.load_state_dict(state, strict=not skipped)
     return len(state), skipped
+
+
+def first_non_finite(state: dict) -> str | None:
+    """The name of the first floating-point tensor (parameter or buffer) holding NaN or inf."""
+    for name, t in state.items():
+        if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+            return name
+    return None
 
 
 # ---- the EfficientNet-PyTorch layout (lukemelas/EfficientNet-PyTorch, its Lite packages) --------

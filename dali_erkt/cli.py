@@ -2,29 +2,91 @@
 
 Every expected error (a wrong setting, unusable data, a bad checkpoint, a failed run) is printed
 as one line, `error: <what is wrong and what to do>`, with a non-zero exit status: 2 for the
-input, 3 for a run that failed (diverged, out of memory).
+input, 3 for a run that failed (diverged, out of memory). The last line of defence: any other
+exception is a bug, printed as one line, `internal error: ...`, naming the file that holds its
+traceback (inside the run folder where the command has one), exit status 4. Ctrl-C and SIGTERM
+end with one line saying what the run folder holds and that `--resume` continues (130 / 143).
 """
 from __future__ import annotations
 
 import functools
 import json
+import os
+import signal
 import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
 
 import click
 
 from .config import VSM_PRESETS
-from .errors import ErktError
+from .errors import ConfigError, ErktError
+
+INTERNAL_ERROR = 4  # exit status of a bug (an exception that is not an ErktError)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
 
 
 def one_line_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
         try:
             return fn(*args, **kwargs)
         except ErktError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except (KeyboardInterrupt, Terminated) as exc:
+            name, code = ("SIGTERM", 143) if isinstance(exc, Terminated) else ("Ctrl-C", 130)
+            click.echo(f"interrupted ({name}){_kept(kwargs.get('out_dir'))}", err=True)
+            sys.exit(code)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            where = _write_traceback(kwargs.get("out_dir"))
+            what = (str(exc).strip().splitlines() or [""])[0][:200]
+            click.echo(f"internal error: {type(exc).__name__}: {what} (a bug in dali-erkt: the "
+                       f"traceback is in {where}; please report it with that file)", err=True)
+            sys.exit(INTERNAL_ERROR)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
     return wrapper
+
+
+def _kept(out_dir) -> str:
+    """What an interrupted command's run folder holds (every file in it is complete: atomic)."""
+    if not out_dir or not Path(out_dir).is_dir():
+        return ": nothing was left half-written"
+    if (Path(out_dir) / "last.pt").is_file():
+        return (f": {out_dir} holds its last complete epoch (last.pt); run the same command with "
+                "--resume to continue")
+    return f": {out_dir} holds no checkpoint yet; run the same command with --resume to start it"
+
+
+def _write_traceback(out_dir) -> str:
+    """The traceback of the exception being handled, in a file: the run folder where there is
+    one, else the temporary folder. Returns the file's path."""
+    text = traceback.format_exc()
+    name = f"internal-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    folders = ([Path(out_dir)] if out_dir and Path(out_dir).is_dir() else []) + [Path(tempfile.gettempdir())]
+    for folder in folders:
+        try:
+            (folder / name).write_text(text, encoding="utf-8")
+            return str(folder / name)
+        except OSError:
+            continue
+    return "(no writable folder: the traceback is below)\n" + text
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -205,7 +267,9 @@ def sweep_cmd(data, train_ratio, seeds, out_dir, vary, table, print_commands, ov
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
-        raise click.BadParameter(f"{seeds!r}: give seeds as 0,1,2", param_hint="--seeds") from None
+        seed_list = []
+    if not seed_list or min(seed_list) < 0 or len(set(seed_list)) != len(seed_list):
+        raise ConfigError(f"--seeds {seeds!r}: give distinct whole seeds >= 0, e.g. 0,1,2")
     options = {**{k: v for k, v in flags.items() if v is not None}, "overrides": overrides,
                **({"pretrained": True} if pretrained else {}),
                **({"progress": False} if no_progress else {})}

@@ -245,11 +245,14 @@ def validate(cfg: Config) -> None:
         n = getattr(cfg.vsm, unit).attempts
         _check(1 <= n <= 16, f"vsm.{unit}.attempts = {n} must be between 1 and 16")
     size = cfg.vsm.resized_crop.size
-    _check(size == 0 or size >= 8, f"vsm.resized_crop.size = {size}: use 8 or more, or 0 for "
-                                   "11/16 of the image size")
+    _check(size == 0 or 8 <= size <= MAX_SIZE, f"vsm.resized_crop.size = {size}: use 8 to {MAX_SIZE}, "
+                                               "or 0 for 11/16 of the image size")
     _check(cfg.vsm.cutmix.alpha > 0, f"vsm.cutmix.alpha = {cfg.vsm.cutmix.alpha} must be > 0")
     d = cfg.data
     _check(d.image_size >= 16, f"data.image_size = {d.image_size} is too small: use 16 or more")
+    _check(d.image_size <= MAX_SIZE, f"data.image_size = {d.image_size} is too large: one float "
+           f"image of it is {3 * 4 * d.image_size ** 2 / 1e9:.1f} GB; use at most {MAX_SIZE}")
+    _check(d.batch_size <= 100_000, f"data.batch_size = {d.batch_size} is too large: use at most 100000")
     _check(d.batch_size >= 1, f"data.batch_size = {d.batch_size} must be at least 1")
     _check(d.dtype in ("float16", "float32"), f"data.dtype = {d.dtype!r}: use float16 or float32")
     _check(all(0 < s < float("inf") for s in d.std), f"data.std = {d.std} must be positive")
@@ -278,7 +281,8 @@ def validate(cfg: Config) -> None:
     _check(o.epochs >= 1, f"optim.epochs = {o.epochs} must be at least 1")
     _check(o.schedule in ("cosine", "constant"), f"optim.schedule = {o.schedule!r}: use cosine or constant")
     r = cfg.run
-    _check(r.seed >= 0, f"run.seed = {r.seed} must be >= 0")
+    _check(0 <= r.seed < 2**63, f"run.seed = {r.seed} must be in [0, 2**63) (what torch and numpy "
+                                "take as a seed)")
     _check(r.precision in ("auto", "fp32", "fp16", "bf16"),
            f"run.precision = {r.precision!r}: use auto, fp32, fp16 or bf16")
     _check(r.compile in ("auto", "on", "off"), f"run.compile = {r.compile!r}: use auto, on or off")
@@ -287,6 +291,8 @@ def validate(cfg: Config) -> None:
     _check(r.eval_every >= 1, f"run.eval_every = {r.eval_every} must be at least 1")
     _check(r.log_every >= 1, f"run.log_every = {r.log_every} must be at least 1")
 
+
+MAX_SIZE = 4096  # pixels a side: a float image of it is 0.2 GB, a batch of 30 6 GB
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -306,23 +312,28 @@ def to_dict(cfg: Any) -> dict:
 
 
 def _coerce(where: str, current: Any, value: Any) -> Any:
-    """Convert `value` (from YAML or the CLI) to the type of the field's current value."""
+    """Convert `value` (from YAML or the CLI) to the type of the field's current value. Only a
+    bool (or true/false, yes/no, on/off, 1/0 written as text) is a bool, and a bool is never a
+    number: YAML's `lr: yes` is refused, not read as 1.0."""
     try:
         if isinstance(current, bool):
+            if isinstance(value, bool):
+                return value
             if isinstance(value, str):
                 if value.lower() in ("true", "yes", "on", "1"):
                     return True
                 if value.lower() in ("false", "no", "off", "0"):
                     return False
-                raise ValueError
-            return bool(value)
+            raise ValueError
+        if isinstance(value, bool):
+            raise ValueError
         if isinstance(current, int):
             return int(value) if float(value) == int(float(value)) else _bad()
         if isinstance(current, float):
             return float(value)
         if isinstance(current, tuple):
             if isinstance(value, str):
-                value = yaml.safe_load(value if value.strip().startswith("[") else f"[{value}]")
+                value = _load_yaml(value if value.strip().startswith("[") else f"[{value}]", where)
             if not isinstance(value, (list, tuple)):
                 raise ValueError
             if current and len(value) != len(current) and where not in _VARIABLE_LENGTH:
@@ -333,9 +344,33 @@ def _coerce(where: str, current: Any, value: Any) -> Any:
             return str(value)
     except ConfigError:
         raise
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
     raise ConfigError(f"{where} = {value!r} is not a valid {type(current).__name__}")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last)."""
+
+
+def _unique_mapping(loader, node, deep=False):
+    keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+    twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+    if twice is not None:
+        raise yaml.constructor.ConstructorError(None, None, f"the key {twice!r} is given twice",
+                                                node.start_mark)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _load_yaml(text: str, where: str):
+    """Parse YAML text (safe, duplicate keys refused), or one line naming `where` and why."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {' '.join(str(exc).split())[:160]}") from None
 
 
 def _bad():
@@ -378,12 +413,11 @@ def read_config_file(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not text: pass a YAML file such as a run's "
                           "config.yaml") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    data = _load_yaml(text, f"config file {path}")
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -258,8 +258,10 @@ class _failures:
 
 
 def _check_weights(model, epoch: int, run: RunDir, rt: Runtime) -> None:
-    """A checkpoint never holds non-finite weights (an update can overflow after a finite loss)."""
-    finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
+    """A checkpoint never holds non-finite weights or buffers (an update can overflow after a
+    finite loss; BatchNorm's running statistics can too)."""
+    tensors = [t.detach() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    finite = torch.stack([t.isfinite().all() for t in tensors]).all()
     if not finite.item():
         with _failures(epoch, run, rt, None):
             raise TrainingError("the weights became NaN or infinite after the last step")

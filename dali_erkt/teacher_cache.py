@@ -86,16 +86,36 @@ class TeacherCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         saved = self.folder / "key.json"
         if saved.exists():
-            old = json.loads(saved.read_text())
+            old = _read_json(saved, dict, "a mapping of the settings the logits depend on")
             for field in sorted(set(old) | set(key)):
                 if old.get(field) != key.get(field):
                     raise ConfigError(f"teacher cache {self.folder} was filled with another {field} "
                                       f"({_short(old.get(field))} vs {_short(key.get(field))} now): "
                                       "use another --teacher-cache folder for these settings")
+        elif any(self.folder.glob("r*")):  # rows without a key are stale by definition
+            raise DataError(f"teacher cache {self.folder} holds logit files but no key.json, so what "
+                            "they were computed from is unknown: delete the folder or use another "
+                            "--teacher-cache folder")
         elif rank == 0:
             atomic_write_text(saved, json.dumps(key, indent=1) + "\n")
         self._status = self.folder / f"r{rank}.json"
-        self._done = set(json.loads(self._status.read_text())["complete"]) if self._status.exists() else set()
+        self._done = self._read_status() if self._status.exists() else set()
+
+    def _read_status(self) -> set:
+        """The epochs r<rank>.json marks complete, each checked to be held whole by every row file."""
+        status = _read_json(self._status, dict, '{"complete": [epochs]}')
+        done = status.get("complete")
+        if not isinstance(done, list) or not all(isinstance(e, int) and not isinstance(e, bool)
+                                                 and e >= 0 for e in done):
+            raise _damaged(self._status, f"'complete' is {_short(done)}, not a list of epochs")
+        for k in range(self.shape[0]):
+            have = self._file(k).stat().st_size if self._file(k).exists() else 0
+            for epoch in done:
+                if have < (epoch + 1) * self._epoch_bytes():
+                    raise _damaged(self._file(k), f"{self._status.name} marks epoch {epoch + 1} "
+                                   f"complete but the file holds {have} bytes, not the "
+                                   f"{(epoch + 1) * self._epoch_bytes()} that needs")
+        return set(done)
 
     # -- training rows ----------------------------------------------------------------------
 
@@ -118,6 +138,8 @@ class TeacherCache:
                              shape=self.shape[1:])
             out[k] = rows
             del rows
+            if not np.isfinite(out[k]).all():
+                raise _damaged(self._file(k), f"epoch {epoch + 1} holds NaN or infinite logits")
         return out
 
     def write_epoch(self, epoch: int, rows: np.ndarray) -> None:
@@ -146,8 +168,17 @@ class TeacherCache:
         meta = self.folder / f"r{self.rank}-test.json"
         if not (path.exists() and meta.exists()):
             return None
-        shape = tuple(json.loads(meta.read_text())["shape"])
-        return np.fromfile(path, dtype=ROW_DTYPE).reshape(shape)
+        shape = _read_json(meta, dict, '{"shape": [teachers, images, classes]}').get("shape")
+        k, c = self.shape[0], self.shape[2]
+        if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) for v in shape)
+                and shape[0] == k and shape[2] == c and shape[1] > 0):
+            raise _damaged(meta, f"'shape' is {_short(shape)}, not [{k}, images, {c}]")
+        rows = np.fromfile(path, dtype=ROW_DTYPE)
+        if rows.size != shape[0] * shape[1] * shape[2]:
+            raise _damaged(path, f"it holds {rows.size} values, not the {shape} {meta.name} names")
+        if not np.isfinite(rows).all():
+            raise _damaged(path, "it holds NaN or infinite logits")
+        return rows.reshape(shape)
 
     def write_test(self, logits: np.ndarray) -> None:
         from .io import atomic_write
@@ -170,6 +201,22 @@ def check_space(folder, need: int) -> None:
     if need > free:
         raise ConfigError(f"the teacher cache needs {need / 1e9:.2f} GB but {probe} has "
                           f"{free / 1e9:.2f} GB free: choose another --teacher-cache folder")
+
+
+def _read_json(path: Path, kind: type, what: str):
+    """A JSON file of the cache, or one line naming it and what is wrong."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise _damaged(path, f"not readable JSON ({(str(exc).splitlines() or [''])[0][:60]})") from None
+    if not isinstance(value, kind):
+        raise _damaged(path, f"it holds a {type(value).__name__}, not {what}")
+    return value
+
+
+def _damaged(path: Path, why: str) -> DataError:
+    return DataError(f"teacher cache file {path} is damaged ({why}): delete the cache folder (it is "
+                     "filled again) or use another --teacher-cache folder")
 
 
 def _short(value) -> str:

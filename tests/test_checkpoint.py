@@ -206,3 +206,15 @@ def test_non_state_dict_contents(tmp_path):
         with pytest.raises(CheckpointError, match="state dict") as err:
             load_weights(create_model("resnet18", 3), tmp_path / name)
         one_line(err)
+
+
+def test_random_bytes_are_always_one_checkpoint_error(tmp_path):
+    """Noise fails inside torch's unpickler in many ways (UnpicklingError, RuntimeError,
+    IndexError, ...): every one is a CheckpointError naming the file."""
+    import random
+    rng = random.Random(0)
+    for i in range(200):
+        path = tmp_path / f"noise{i}.pt"
+        path.write_bytes(bytes(rng.randrange(256) for _ in range(512)))
+        with pytest.raises(CheckpointError, match=str(path)):
+            load_checkpoint(path)

@@ -1,11 +1,14 @@
 """Configuration: defaults, presets, YAML round trip, overrides and one-line validation errors."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
 from dali_erkt.config import (UNITS, apply_overrides, crop_size, default_config, differences,
-                              from_dict, load_config, resolve_config, save_config, to_dict)
+                              from_dict, load_config, read_config_file, resolve_config, save_config,
+                              to_dict)
 from dali_erkt.errors import ConfigError
 
 
@@ -68,6 +71,11 @@ def test_overrides_are_typed():
     ("data.prefetch=0", "data.prefetch = 0 must be at least 1"),
     ("loss.ratio=nan", "loss.ratio = nan must be in [0, 2]"),
     ("batch_size", "must look like section.key=value"),
+    ("run.seed=18446744073709551616", "run.seed = 18446744073709551616 must be in [0, 2"),
+    ("data.image_size=100000", "data.image_size = 100000 is too large: one float image of it is 120.0 GB"),
+    ("vsm.resized_crop.size=20000", "vsm.resized_crop.size = 20000: use 8 to 4096"),
+    ("data.batch_size=1000000", "data.batch_size = 1000000 is too large"),
+    ("model.teacher_weights=[1,2,[3]]", "not a valid float"),
 ])
 def test_bad_values_fail_with_one_line(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")) as info:
@@ -124,3 +132,29 @@ def test_differences_name_each_changed_setting():
     a, b = default_config(), default_config()
     b.optim.epochs, b.vsm.cutmix.p = 10, 0.5
     assert differences(to_dict(a), to_dict(b)) == [("optim.epochs", 600, 10), ("vsm.cutmix.p", 1.0, 0.5)]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("optim: {lr: yes}", "optim.lr = True is not a valid float"),
+    ("optim: {epochs: true}", "optim.epochs = True is not a valid int"),
+    ("loss: {tau_squared: [1, 2]}", "loss.tau_squared = [1, 2] is not a valid bool"),
+    ("run: {channels_last: 2}", "run.channels_last = 2 is not a valid bool"),
+    ("optim: {epochs: .inf}", "optim.epochs = inf is not a valid int"),
+    ("optim: {lr: 1.0}\noptim: {lr: 2.0}", "the key 'optim' is given twice"),
+    ("optim:\n  lr: 1.0\n  lr: 2.0", "the key 'lr' is given twice"),
+])
+def test_yaml_types_are_strict_and_keys_unique(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        from_dict(read_config_file(path))
+    assert "\n" not in str(err.value)
+
+
+def test_overflowing_and_textual_values(tmp_path):
+    with pytest.raises(ConfigError, match=r"optim.epochs = '1e400' is not a valid int"):
+        apply_overrides(default_config(), ["optim.epochs=1e400"])
+    with pytest.raises(ConfigError, match=r"data.batch_size = 'inf' is not a valid int"):
+        apply_overrides(default_config(), ["data.batch_size=inf"])
+    cfg = apply_overrides(default_config(), ["run.channels_last=off", "loss.tau_squared=1"])
+    assert cfg.run.channels_last is False and cfg.loss.tau_squared is True

@@ -402,3 +402,84 @@ def test_pretrained_without_network_is_one_line(data, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub answers at once, as with no network
     one_error_line(cli(*train_args(data, tmp_path / "run", "--pretrained")),
                    "could not fetch timm's pretrained weights", "--weights")
+
+
+# ---- the last line of defence: a bug is one line and a traceback file; signals say what is kept
+
+def test_an_unexpected_exception_is_one_line_and_a_traceback_file(data, tmp_path, monkeypatch):
+    from dali_erkt import engine
+
+    def bug(*args, **kwargs):
+        raise KeyError("the_bug")
+
+    monkeypatch.setattr(engine, "train_one_epoch", bug)  # after the run folder is made
+    out = tmp_path / "run"
+    r = cli(*train_args(data, out))
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("internal error:")]
+    assert r.exit_code == 4 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "KeyError: 'the_bug'" in lines[0] and "please report it" in lines[0]
+    saved = Path(lines[0].split("the traceback is in ")[1].split(";")[0])
+    assert saved.parent == out and "Traceback" in saved.read_text() and "the_bug" in saved.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code, name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
+def test_a_signal_ends_in_one_line_and_resume_continues(data, reference, tmp_path, sig, code, name):
+    out = tmp_path / "run"
+    args = [str(BIN)] + [str(a) for a in train_args(data, out)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)  # wait for the first epoch's checkpoint, then interrupt the second epoch
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=120)[1]
+    if proc.returncode == 0:  # the run ended before the signal: nothing to check here
+        pytest.skip("the run finished before the signal arrived")
+    lines = [ln for ln in err.splitlines() if ln.startswith("interrupted")]
+    assert proc.returncode == code and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert lines[0].startswith(f"interrupted ({name}): {out} holds its last complete epoch") \
+        and "--resume" in lines[0], lines[0]
+    r = cli(*train_args(data, out, "--resume"))
+    assert r.exit_code == 0, r.output
+    assert_same_run(consistent(out), reference)
+
+
+@pytest.mark.parametrize("tensor", ["bn1.running_var", "conv1.0.weight"])
+def test_weights_with_a_non_finite_tensor_are_named_at_load(data, tmp_path, tensor):
+    import timm
+    state = timm.create_model(ARCH, num_classes=2).state_dict()
+    state[tensor] = state[tensor].clone().fill_(float("inf") if "var" in tensor else float("nan"))
+    torch.save(state, tmp_path / "w.pt")
+    r = cli(*train_args(data, tmp_path / "run", "--weights", tmp_path / "w.pt"))
+    one_error_line(r, str(tmp_path / "w.pt"), f"NaN or infinite values in {tensor}")
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_non_finite_buffers_are_never_checkpointed(data, tmp_path, monkeypatch):
+    """BatchNorm's running statistics are checked before every save, as the parameters are."""
+    from dali_erkt import engine
+    real = engine.train_one_epoch
+
+    def poison_buffers(step, batches, task, rt, log_every, bar):
+        out = real(step, batches, task, rt, log_every, bar)
+        calls.append(1)
+        if len(calls) == 2:  # epoch 2's running statistics overflow
+            for module in poisoned:
+                module.running_var.fill_(float("inf"))
+        return out
+
+    calls, poisoned = [], []
+    real_setup = engine.setup
+
+    def setup(*args, **kwargs):
+        s = real_setup(*args, **kwargs)
+        poisoned.extend(m for m in s.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        return s
+
+    monkeypatch.setattr(engine, "setup", setup)
+    monkeypatch.setattr(engine, "train_one_epoch", poison_buffers)
+    r = cli(*train_args(data, tmp_path / "run"))
+    one_error_line(r, "weights became NaN or infinite", "epoch 2", code=3)
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values()
+                                       if v.is_floating_point())

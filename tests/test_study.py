@@ -214,6 +214,14 @@ def test_sweep_takes_its_seeds_from_seeds_only(data, tmp_path):
     assert r.exit_code == 2 and "--seeds" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("seeds", [",", "-1", "0,0", "a,b", "1.5"])
+def test_bad_seeds_are_one_line_before_anything_runs(data, tmp_path, seeds):
+    r = cli("sweep", data, "--train-ratio", 0.5, "--out", tmp_path / "s", "--seeds", seeds)
+    assert r.exit_code == 2 and r.stderr.strip().splitlines() == [
+        f"error: --seeds {seeds!r}: give distinct whole seeds >= 0, e.g. 0,1,2"], r.stderr
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.mark.slow
 def test_table_kd_runs_dist_kd_and_dkd_from_one_cache_and_table_6s_ensemble(data, tmp_path):
     out = tmp_path / "kd"

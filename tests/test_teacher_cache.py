@@ -141,3 +141,73 @@ def test_key_mismatch_half_filled_cache_and_short_disk(setup, tmp_path, monkeypa
     r = cli(*args[:-1], tmp_path / "new", *args[-0:][:0], "--epochs", 2) if False else \
         cli(*[tmp_path / "new" if a == cache else a for a in args], "--epochs", 2)
     assert r.exit_code == 2 and "needs 0.00 GB but" in r.stderr and not (tmp_path / "new" / "r0.json").exists()
+
+
+# ---- files read back are validated: a damaged cache is one line naming the file -----------------
+
+def _filled(folder):
+    from dali_erkt.teacher_cache import TeacherCache
+    cache = TeacherCache(folder, {"k": 1}, teachers=2, positions=4, classes=3)
+    for epoch in range(2):
+        cache.write_epoch(epoch, np.full((2, 4, 3), epoch, dtype=np.float16))
+    cache.write_test(np.zeros((2, 5, 3), dtype=np.float16))
+    return cache
+
+
+def _reopen(folder):
+    from dali_erkt.teacher_cache import TeacherCache
+    cache = TeacherCache(folder, {"k": 1}, teachers=2, positions=4, classes=3)
+    cache.read_test()
+    for epoch in range(2):
+        cache.read_epoch(epoch)
+    return cache
+
+
+def _truncate(path, size):
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def _nan_row(path):
+    rows = np.fromfile(path, dtype=np.float16)
+    rows[5] = np.nan
+    rows.tofile(path)
+
+
+DAMAGE = [
+    ("key.json", lambda p: p.write_text('{"k": 1'), "key.json is damaged (not readable JSON"),
+    ("key.json", lambda p: p.write_text("[1, 2]"), "key.json is damaged (it holds a list"),
+    ("key.json", lambda p: p.unlink(), "holds logit files but no key.json"),
+    ("r0.json", lambda p: p.write_text('{"complete": "all"}'), "r0.json is damaged ('complete' is \"all\""),
+    ("r0.json", lambda p: p.write_bytes(b"\xff\xfe"), "r0.json is damaged (not readable JSON"),
+    ("r0.json", lambda p: p.write_text('{"complete": [0, 1, 2]}'), "r0-t0.f16 is damaged (r0.json marks epoch 3"),
+    ("r0-t1.f16", lambda p: _truncate(p, 30), "r0-t1.f16 is damaged (r0.json marks epoch 2 complete but the file holds 30 bytes"),
+    ("r0-t1.f16", _nan_row, "r0-t1.f16 is damaged (epoch 1 holds NaN or infinite logits)"),
+    ("r0-test.json", lambda p: p.write_text('{"shape": [2, 5, 4]}'), "r0-test.json is damaged ('shape' is [2, 5, 4], not [2, images, 3])"),
+    ("r0-test.json", lambda p: p.write_text('{"shape": [2, 6, 3]}'), "r0-test.f16 is damaged (it holds 30 values, not the [2, 6, 3]"),
+]
+
+
+@pytest.mark.parametrize("name, damage, message", DAMAGE, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(DAMAGE)])
+def test_a_damaged_cache_file_is_named_in_one_line(tmp_path, name, damage, message):
+    from dali_erkt.errors import DataError
+    _filled(tmp_path / "c")
+    _reopen(tmp_path / "c")  # undamaged, it reads back
+    damage(tmp_path / "c" / name)
+    with pytest.raises(DataError) as err:
+        _reopen(tmp_path / "c")
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert "delete the cache folder" in str(err.value) or "delete the folder" in str(err.value)
+
+
+def test_a_damaged_cache_stops_distill_in_one_line(setup, tmp_path):
+    cache = tmp_path / "cache"
+    distill(setup, tmp_path / "fill", "--teacher-cache", cache, "--set", "model.teacher_weights=[0.5,0.5]")
+    (cache / "key.json").write_text("{")
+    r = cli("distill", "--split", setup / "split", "--teachers", setup / "t", "--out", tmp_path / "again",
+            "--device", "cpu", "--image-size", SIZE, "--batch-size", 5, "--epochs", 2, "--no-progress",
+            "--set", "model.teachers=[resnet10t,resnet14t]", "--set", "model.teacher_weights=[0.5,0.5]",
+            "--set", f"model.arch={ARCH}", "--teacher-cache", cache)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.exit_code == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"teacher cache file {cache / 'key.json'} is damaged" in lines[0]
