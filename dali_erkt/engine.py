@@ -174,56 +174,57 @@ def _load_optimizer(optimizer, saved: dict) -> None:
 def fit(cfg: Config, split: Split, out_dir, task, rt: Runtime, resume: bool = False,
         allow_changes: bool = False, progress: bool = True) -> dict:
     """Train cfg.model.arch on `split` for cfg.optim.epochs with `task`; return the summary."""
-    run, log = RunDir(out_dir, rt.main), main_logger(rt)
-    state = run.open(resume, log)
-    if state is not None:
-        _check_resumable(state, cfg, task, split.classes, run, allow_changes, log)
-        if state.epoch >= cfg.optim.epochs:  # killed after its last epoch: complete it
-            summary = _summary(task.kind, cfg.model.arch, split.classes, state.history,
-                               state.best, rt, sum(r["train_seconds"] for r in state.history))
-            run.write_log(state.history)
-            run.write_summary(summary)
-            return summary
-    s = setup(cfg, split, task, rt, state, log, run.last)
-    run.write_config(cfg)
-    start, history, best = (0, [], {"oa": -1.0, "epoch": -1}) if state is None else \
-        (state.epoch, state.history, state.best)
-    # The teacher is frozen: its test predictions are computed once, for the agreement metric.
-    teacher_preds = task.test_predictions(s.test_loader, rt) if rt.main else None
-    epochs, name, t_run = cfg.optim.epochs, f"{task.kind} {cfg.model.arch}", time.time()
-    for epoch in range(start, epochs):
-        lr = cosine_lr(cfg.optim.lr, epoch, epochs, cfg.optim.schedule)
-        for group in s.optimizer.param_groups:
-            group["lr"] = lr
-        s.model.train()
-        bar = tqdm(total=s.train_loader.batches_per_epoch * cfg.data.batch_size, unit="img", leave=False,
-                   desc=f"{name} {epoch + 1}/{epochs}", disable=not (progress and rt.main),
-                   dynamic_ncols=True, file=sys.stderr)
-        t0 = time.time()
-        with bar, _failures(epoch, run, rt, cfg):
-            parts, seen = train_one_epoch(s.step, task.epoch_batches(s.train_loader, epoch), task,
-                                          rt, cfg.run.log_every, bar)
-        seconds = time.time() - t0
-        record = {"epoch": epoch + 1, "lr": lr, **parts, "train_images": seen,
-                  "train_seconds": round(seconds, 3), "images_per_s": round(seen / max(seconds, 1e-9), 2)}
-        if rt.main and ((epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == epochs):
-            with _failures(epoch, run, rt, cfg):
-                preds, targets = predict(s.model, s.test_loader, rt)
-            ev = scores(preds, targets, len(split.classes))
-            record["oa"] = ev["oa"]
-            record["per_class"] = [None if v != v else v for v in ev["per_class"]]  # NaN: no image
-            if teacher_preds is not None:
-                record["agreement"] = agreement(preds, teacher_preds)
-            if record["oa"] > best["oa"]:
-                best = {"oa": record["oa"], "epoch": epoch + 1}
-        history.append(record)
-        _check_weights(s.model, epoch, run, rt)
-        run.save(_checkpoint(task, cfg, split, epoch, s, history, best, rt), best["epoch"] == epoch + 1)
-        log(_epoch_line(name, record, best, epochs))
-        barrier(rt)
-    summary = _summary(task.kind, cfg.model.arch, split.classes, history, best, rt, time.time() - t_run)
-    run.write_summary(summary)
-    return summary
+    log = main_logger(rt)
+    with RunDir(out_dir, rt.main) as run:  # holds the folder's lock until the run ends
+        state = run.open(resume, log)
+        if state is not None:
+            _check_resumable(state, cfg, task, split.classes, run, allow_changes, log)
+            if state.epoch >= cfg.optim.epochs:  # killed after its last epoch: complete it
+                summary = _summary(task.kind, cfg.model.arch, split.classes, state.history,
+                                   state.best, rt, sum(r["train_seconds"] for r in state.history))
+                run.write_log(state.history)
+                run.write_summary(summary)
+                return summary
+        s = setup(cfg, split, task, rt, state, log, run.last)
+        run.write_config(cfg)
+        start, history, best = (0, [], {"oa": -1.0, "epoch": -1}) if state is None else \
+            (state.epoch, state.history, state.best)
+        # The teacher is frozen: its test predictions are computed once, for the agreement metric.
+        teacher_preds = task.test_predictions(s.test_loader, rt) if rt.main else None
+        epochs, name, t_run = cfg.optim.epochs, f"{task.kind} {cfg.model.arch}", time.time()
+        for epoch in range(start, epochs):
+            lr = cosine_lr(cfg.optim.lr, epoch, epochs, cfg.optim.schedule)
+            for group in s.optimizer.param_groups:
+                group["lr"] = lr
+            s.model.train()
+            bar = tqdm(total=s.train_loader.batches_per_epoch * cfg.data.batch_size, unit="img", leave=False,
+                       desc=f"{name} {epoch + 1}/{epochs}", disable=not (progress and rt.main),
+                       dynamic_ncols=True, file=sys.stderr)
+            t0 = time.time()
+            with bar, _failures(epoch, run, rt, cfg):
+                parts, seen = train_one_epoch(s.step, task.epoch_batches(s.train_loader, epoch), task,
+                                              rt, cfg.run.log_every, bar)
+            seconds = time.time() - t0
+            record = {"epoch": epoch + 1, "lr": lr, **parts, "train_images": seen,
+                      "train_seconds": round(seconds, 3), "images_per_s": round(seen / max(seconds, 1e-9), 2)}
+            if rt.main and ((epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == epochs):
+                with _failures(epoch, run, rt, cfg):
+                    preds, targets = predict(s.model, s.test_loader, rt)
+                ev = scores(preds, targets, len(split.classes))
+                record["oa"] = ev["oa"]
+                record["per_class"] = [None if v != v else v for v in ev["per_class"]]  # NaN: no image
+                if teacher_preds is not None:
+                    record["agreement"] = agreement(preds, teacher_preds)
+                if record["oa"] > best["oa"]:
+                    best = {"oa": record["oa"], "epoch": epoch + 1}
+            history.append(record)
+            _check_weights(s.model, epoch, run, rt)
+            run.save(_checkpoint(task, cfg, split, epoch, s, history, best, rt), best["epoch"] == epoch + 1)
+            log(_epoch_line(name, record, best, epochs))
+            barrier(rt)
+        summary = _summary(task.kind, cfg.model.arch, split.classes, history, best, rt, time.time() - t_run)
+        run.write_summary(summary)
+        return summary
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,16 +12,21 @@ Every file is written atomically (a temporary file, fsync, rename): a kill at an
 the old complete file or the new complete one. Checkpoints are written best.pt first, then
 last.pt, then the log: a kill between them leaves last.pt one epoch behind, and the resumed run
 redoes that epoch exactly (and writes best.pt again), so no state is ever lost. Temporary files a
-kill left behind are removed when the folder is opened. Only the main process (rank 0) writes.
+kill left behind are removed when the folder is opened. Only the main process (rank 0) writes,
+and one process at a time: it holds an OS lock on `run.lock` (with its pid inside) from opening
+the folder (or creating it) to the end of the run; a second writer is refused in one line naming
+the holder. The lock goes with the process: a killed run's `run.lock` is taken over by the next.
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from pathlib import Path
 
 from .checkpoint import save_checkpoint
 from .config import Config, save_config
-from .errors import ConfigError
+from .errors import ConfigError, WriteError
 from .io import atomic_write_text, remove_stale_temporaries
 from .run_state import RunState, read_run
 
@@ -33,6 +38,47 @@ class RunDir:
         self.last, self.best = self.path / "last.pt", self.path / "best.pt"
         self.config, self.log, self.summary = (self.path / "config.yaml", self.path / "log.jsonl",
                                                self.path / "summary.json")
+        self._lock = None  # the open lock file while this process writes the folder
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the folder's lock and remove its file (a killed process's lock is released by
+        the OS; its file, left behind, is taken over by the next writer)."""
+        if self._lock is not None:
+            (self.path / "run.lock").unlink(missing_ok=True)
+            self._lock.close()
+            self._lock = None
+
+    def _hold_lock(self) -> None:
+        """One writer per run folder: refuse, in one line, a folder another process writes."""
+        if self._lock is not None:
+            return
+        path = self.path / "run.lock"
+        try:
+            lock = open(path, "a+")
+        except OSError as exc:
+            raise WriteError(f"cannot write {path}: {exc.strerror or exc}; choose a writable --out") \
+                from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not path.exists() or os.stat(path).st_ino != os.fstat(lock.fileno()).st_ino:
+                raise OSError  # the holder removed it as we opened it: a new writer owns the folder
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            lock.close()
+            raise ConfigError(f"{self.path} is being written by another dali-erkt process (pid "
+                              f"{holder}): wait for it to end, or choose another --out") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        self._lock = lock
 
     def open(self, resume: bool, log) -> RunState | None:
         """The state to resume from, or None for a new run. A new run refuses a folder that
@@ -40,13 +86,19 @@ class RunDir:
         checkpoint starts it."""
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"--out {self.path} is a file, not a folder: choose another --out")
-        if self.main:
+        if self.main and self.path.is_dir():
+            self._hold_lock()  # before anything is removed or read: another writer's files stay
             remove_stale_temporaries(self.path)
         if resume and self.last.exists():
             return self.load_last()
         if self.last.exists():
             raise ConfigError(f"{self.path} already holds a run ({self.last.name}): pass --resume to "
                               "continue it or choose another --out")
+        results = [f.name for f in (self.log, self.summary) if f.exists()]
+        if results:  # written only after last.pt: its checkpoint was removed, not never written
+            raise ConfigError(f"{self.path} holds results ({', '.join(results)}) but no {self.last.name} "
+                              "to continue from: it is not started again over them; choose another "
+                              "--out, or remove the folder to train afresh")
         if resume:
             log(f"resume: {self.path} holds no checkpoint yet: starting the run")
         return None
@@ -56,8 +108,15 @@ class RunDir:
         return read_run(self.last, resume=True)
 
     def write_config(self, cfg: Config) -> None:
+        """Take the folder's lock, then write config.yaml (creating the folder)."""
         if self.main:
-            save_config(cfg, self.config)  # creates the folder
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise WriteError(f"cannot write {self.path}: {exc.strerror or exc}; free some space, "
+                                 "or choose a writable --out") from None
+            self._hold_lock()
+            save_config(cfg, self.config)
 
     def save(self, state: RunState, is_best: bool) -> None:
         """best.pt (on a new best), then last.pt (the same state), then the log."""

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 
 from dali_erkt.checkpoint import load_checkpoint, save_checkpoint
@@ -483,3 +484,47 @@ def test_non_finite_buffers_are_never_checkpointed(data, tmp_path, monkeypatch):
     state = load_checkpoint(tmp_path / "run" / "last.pt")
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values()
                                        if v.is_floating_point())
+
+
+# ---- one writer per run folder, and results never started over ------------------------------
+
+def test_a_second_writer_is_refused_naming_the_first(data, tmp_path):
+    import fcntl
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / "run.lock", "w") as held:  # another process's lock, as RunDir takes it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242\n")
+        held.flush()
+        r = subprocess.run([str(BIN)] + [str(a) for a in train_args(data, out)], capture_output=True,
+                           text=True, timeout=300)
+        one_error_line(r, f"{out} is being written by another dali-erkt process (pid 4242)")
+    assert sorted(p.name for p in out.iterdir()) == ["run.lock"]  # nothing written beside it
+    r = cli(*train_args(data, out, "--epochs", 1))  # the holder gone: the folder is usable
+    assert r.exit_code == 0, r.output
+    assert not (out / "run.lock").exists()  # released and removed at the run's end
+
+
+def test_two_runs_started_together_leave_one_run(data, tmp_path):
+    out = tmp_path / "run"
+    args = [[str(BIN)] + [str(a) for a in train_args(data, out, "--seed", s)] for s in (1, 2)]
+    procs = [subprocess.Popen(a, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for a in args]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], errs
+    loser = errs[[p.returncode for p in procs].index(2)]
+    assert "is being written by another dali-erkt process" in loser or "already holds a run" in loser
+    seed = yaml.safe_load((out / "config.yaml").read_text())["run"]["seed"]
+    assert load_checkpoint(out / "last.pt")["config"]["run"]["seed"] == seed  # one run's files
+    assert load_checkpoint(out / "best.pt")["config"]["run"]["seed"] == seed
+
+
+def test_results_without_last_pt_are_not_started_over(data, tmp_path):
+    out = tmp_path / "run"
+    assert cli(*train_args(data, out, "--epochs", 1)).exit_code == 0
+    (out / "last.pt").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = cli(*train_args(data, out, "--epochs", 1, "--resume"))
+    one_error_line(r, "holds results (log.jsonl, summary.json) but no last.pt")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
