@@ -180,7 +180,7 @@ def resolve_runtime(run, dali_threads: int | None = None) -> Runtime:
     `dali_threads` is `data.num_threads` (None: its default); on the CPU device torch's threads
     are set so that torch and DALI together ask for no more threads than cores, and
     `Runtime.dali_threads` is DALI's share (a loader built with `device=rt` takes it)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world()
     device = resolve_device(run.device)
     rank = 0
     if world > 1:
@@ -201,6 +201,19 @@ def resolve_runtime(run, dali_threads: int | None = None) -> Runtime:
 # --------------------------------------------------------------------------------------------
 # Several processes (torchrun): the group, and the few collective calls the engine makes.
 # --------------------------------------------------------------------------------------------
+
+def launched_world() -> int:
+    """The number of processes torchrun started (WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of the initialised torch.distributed process group; (0, 1) without one."""
+    import torch.distributed as torch_dist
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return torch_dist.get_rank(), torch_dist.get_world_size()
+    return 0, 1
+
 
 def init_process_group(device: torch.device) -> None:
     import torch.distributed as torch_dist

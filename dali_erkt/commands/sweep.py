@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,7 +145,7 @@ def cache_tag(cfg: Config) -> str:
     hash of `teacher_cache.config_key` with the runtime resolved as the run will resolve it, so
     two students share a cache exactly when their views and teachers are the same (the split and
     the teachers' checkpoints are those of the seed)."""
-    from ..runtime import choose_precision, resolve_device
+    from ..runtime import choose_precision, launched_world, resolve_device
     from ..teacher_cache import config_key
 
     run = cfg.run
@@ -156,7 +155,7 @@ def cache_tag(cfg: Config) -> str:
     except ConfigError:  # a device this machine lacks (printing for another): name what is asked
         device_type, precision = run.device.split(":")[0], run.precision
     key = config_key(cfg, precision, device_type, run.channels_last,
-                     int(os.environ.get("WORLD_SIZE", "1")))
+                     launched_world())
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
 
 

@@ -31,7 +31,7 @@ import torch
 
 from ..config import VSMConfig, vsm_preset
 from ..errors import ConfigError, DataError
-from ..runtime import Runtime, resolve_device
+from ..runtime import Runtime, process_group, resolve_device
 from .dataset import why_unreadable
 from .pipeline import EVAL_OUTPUTS, OUTPUTS, eval_pipeline, train_pipeline
 from .source import EpochSource
@@ -74,15 +74,6 @@ def device_id_of(device) -> int | None:
     except ConfigError as exc:
         raise DataError(str(exc)) from None
     return None if device.type == "cpu" else device.index
-
-
-def process_group() -> tuple[int, int]:
-    """(rank, world size) of the initialised torch.distributed process group; (0, 1) without one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def resolve_shard(rank: int | None, world: int | None) -> tuple[int, int]:
