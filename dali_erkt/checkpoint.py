@@ -105,6 +105,10 @@ def _read_state(path: Path) -> tuple[dict, str | None]:
     if not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"checkpoint {path} is not a state dict: expected tensors, or a dict "
                               "with a 'model' state dict")
+    odd = [k for k in obj if not isinstance(k, str)]
+    if odd:
+        raise CheckpointError(f"checkpoint {path} is not a state dict: its key {odd[0]!r} is not "
+                              "a tensor name (a string)")
     return obj, arch
 
 

@@ -136,7 +136,19 @@ training_options = options(
     click.option("--allow-changes", is_flag=True,
                  help="With --resume: accept settings that differ from the run's (not exact)."),
     click.option("--no-progress", is_flag=True, help="No progress bar (epoch lines stay)."),
+    click.option("--tensorboard", is_flag=True,
+                 help="TensorBoard event files in --out/tensorboard (run.tensorboard; needs "
+                      "pip install \"dali-erkt[tensorboard]\")."),
 )
+
+
+def _tensorboard_flag(kwargs: dict) -> dict:
+    """--tensorboard as the setting it stands for (last, so it wins like a dedicated flag)."""
+    if kwargs.pop("tensorboard", False):
+        kwargs["overrides"] = (*kwargs.get("overrides", ()), "run.tensorboard=true")
+    return kwargs
+
+
 teacher_options = options(
     click.option("--teachers", "teacher_dir", type=click.Path(file_okay=False),
                  help="Folder holding one train-teacher run per teacher: DIR/<arch>/last.pt."),
@@ -201,7 +213,7 @@ def check_data_cmd(data, as_json, workers):
 def train_teacher_cmd(no_progress, **kwargs):
     """Fine-tune one teacher on a split with CutMix cross-entropy (the `base` preset by default)."""
     from .commands.train import train_teacher
-    click.echo(json.dumps(train_teacher(progress=not no_progress, **kwargs)))
+    click.echo(json.dumps(train_teacher(progress=not no_progress, **_tensorboard_flag(kwargs))))
 
 
 @main.command("distill")
@@ -218,7 +230,7 @@ def train_teacher_cmd(no_progress, **kwargs):
 def distill_cmd(no_progress, **kwargs):
     """Distil the teacher ensemble into the student (ERKT: VSM + CE + DIST), the paper's loop."""
     from .commands.train import distill
-    click.echo(json.dumps(distill(progress=not no_progress, **kwargs)))
+    click.echo(json.dumps(distill(progress=not no_progress, **_tensorboard_flag(kwargs))))
 
 
 @main.command("cache-teachers")
@@ -251,13 +263,27 @@ def cache_teachers_cmd(**kwargs):
                    "9 (ablation); kd (DIST, KD, DKD on the same views and teacher cache).")
 @click.option("--print-commands", is_flag=True,
               help="Print the steps as dali-erkt command lines in order instead of running them.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Passed to every run.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Passed to every run (student-only settings, model.arch, model.teachers, "
+                   "model.teacher_weights, model.combine, loss.*, to the students only).")
 @click.option("--pretrained", is_flag=True,
-              help="Teachers and students start from timm's hub weights (needs network).")
+              help="Teachers and students start from timm's hub weights (needs network), where "
+                   "--weights / --weights-dir give no local file.")
+@click.option("--weights", "weights", multiple=True, metavar="ARCH=FILE",
+              help="A local weights file for the teacher or student of that arch (student=FILE: "
+                   "the student alone; repeatable).")
+@click.option("--weights-dir", type=click.Path(file_okay=False),
+              help="Folder of <arch>.safetensors / .pth / .pt files, one per teacher and student arch.")
+@click.option("--teacher-epochs", type=click.IntRange(min=1), help="optim.epochs of the teachers.")
+@click.option("--teacher-lr", type=float, help="optim.lr of the teachers.")
+@click.option("--teacher-preset", type=click.Choice(VSM_PRESETS), help="The teachers' preset (default: base).")
+@click.option("--teacher-set", "teacher_overrides", multiple=True, metavar="KEY=VALUE",
+              help="A setting for the teachers only, over --set (repeatable).")
 @click.option("--no-progress", is_flag=True, help="No progress bars (epoch lines stay).")
 @run_options
 @one_line_errors
 def sweep_cmd(data, train_ratio, seeds, out_dir, vary, table, print_commands, overrides, pretrained,
+              weights, weights_dir, teacher_epochs, teacher_lr, teacher_preset, teacher_overrides,
               no_progress, **flags):
     """The study for each seed: split, teachers, then the grid of student runs, each an ordinary
     run folder; finished steps are skipped and started ones resumed."""
@@ -273,7 +299,10 @@ def sweep_cmd(data, train_ratio, seeds, out_dir, vary, table, print_commands, ov
     options = {**{k: v for k, v in flags.items() if v is not None}, "overrides": overrides,
                **({"pretrained": True} if pretrained else {}),
                **({"progress": False} if no_progress else {})}
-    steps = plan(data, train_ratio, seed_list, out_dir, vary=vary, table=table, options=options)
+    teacher = {"epochs": teacher_epochs, "lr": teacher_lr, "preset": teacher_preset,
+               "overrides": teacher_overrides}
+    steps = plan(data, train_ratio, seed_list, out_dir, vary=vary, table=table, options=options,
+                 teacher_options=teacher, weights=weights, weights_dir=weights_dir)
     if print_commands:
         click.echo("\n".join(command_line(step.command, step.args) for step in steps))
         return
@@ -309,19 +338,31 @@ def command_line(command: str, args: dict) -> str:
 @main.command("report")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--out", "out_dir", type=click.Path(), help="Folder for the report (default: PATHS[0]/report).")
+@click.option("--device", default="auto", show_default=True,
+              help="Where the teachers run for the ensemble row when no teacher cache holds their "
+                   "test logits: auto, cpu, cuda or cuda:N.")
+@click.option("--no-ensemble", is_flag=True, help="No ensemble row (the teachers are not read).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @one_line_errors
-def report_cmd(paths, out_dir):
+def report_cmd(paths, out_dir, device, no_ensemble, as_json):
     """Mean +- std over seeds per configuration (last and best OA, training loss, agreement,
-    per-class accuracy), as Markdown and CSV, with training curves per configuration."""
+    per-class accuracy), as Markdown, CSV and JSON, with training curves per configuration; in a
+    sweep also the teachers' ensemble's OA."""
     from .commands.report import report
-    r = report(paths, out_dir)
-    click.echo(r["markdown"])
+    r = report(paths, out_dir, device=device, ensemble=not no_ensemble)
+    click.echo(json.dumps(r) if as_json else r["markdown"])
     click.echo(f"report: {r['out']}", err=True)
 
 
 @main.command("models")
-@click.argument("archs", nargs=-1)
-@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=16))
+@click.argument("archs", nargs=-1, metavar="[RUN_OR_CHECKPOINT | TEACHER_DIR | ARCH]...")
+@click.option("--paper", is_flag=True,
+              help="Also the paper's Table 8 models (B3, B0, ResNet-50, their ensemble, B3 at "
+                   "300 px); the default when no run or checkpoint is given.")
+@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=16),
+              help="Size of the named archs and the paper's models (a run: its own).")
+@click.option("--num-classes", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="Classes of the named archs and the paper's models (a run: its own).")
 @click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda or cuda:N")
 @click.option("--images", type=click.IntRange(min=1), help="Images timed (default 6,300 on a GPU, 64 on the CPU).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
@@ -332,32 +373,42 @@ def report_cmd(paths, out_dir):
 @click.option("--no-timing", is_flag=True, help="Parameters and MACs only.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @one_line_errors
-def models_cmd(archs, at, no_timing, as_json, **kwargs):
-    """Table 8: parameters (M), multiply-accumulates (G) and inference time of the student, each
-    teacher, the ensemble, and any timm names given (e.g. resnet18 densenet121 mobilenetv2_100)."""
-    from .commands.models import PAPER_SIZES, format_table, models_table, parse_at
-    result = models_table(archs, at_sizes=parse_at(at) if at else PAPER_SIZES, timing=not no_timing,
-                          note=lambda line: click.echo(line, err=True), **kwargs)
+def models_cmd(archs, at, paper, no_timing, as_json, **kwargs):
+    """Parameters (M), multiply-accumulates (G) and inference time: of each run folder or
+    checkpoint given (its own model at its image size and classes; a teacher folder adds the
+    ensemble), of the paper's Table 8 models (--paper, or no run given), and of any timm names
+    (e.g. resnet18 densenet121 mobilenetv2_100)."""
+    from .commands.models import format_table, models_table, parse_at, split_arguments
+    runs, names = split_arguments(archs)
+    paper = paper or not runs
+    result = models_table(names, runs=runs, paper=paper, at_sizes=parse_at(at) if at else None,
+                          timing=not no_timing, note=lambda line: click.echo(line, err=True),
+                          **kwargs)
     click.echo(json.dumps(result) if as_json else format_table(result))
 
 
 @main.command("export")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), help="ONNX file to write.")
+@click.option("--timm", "timm_dir", type=click.Path(),
+              help="Folder to write in timm's pretrained format (model.safetensors, config.json), "
+                   "for timm.create_model('local-dir:DIR', pretrained=True).")
 @click.option("--images", "batch_images", multiple=True, type=click.Path(),
               help="Real inputs for the check: a split folder, an image folder or files (default: random).")
 @click.option("--image-size", type=click.IntRange(min=16), help="Default: the checkpoint's data.image_size.")
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(min=18))
-@click.option("--no-check", is_flag=True, help="Do not compare onnxruntime with PyTorch.")
-@click.option("--force", is_flag=True, help="Replace an existing ONNX file.")
+@click.option("--no-check", is_flag=True,
+              help="Do not compare onnxruntime (or timm's load of the folder) with PyTorch.")
+@click.option("--force", is_flag=True, help="Replace an existing ONNX file or timm folder's files.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @one_line_errors
-def export_cmd(checkpoint, onnx_path, batch_images, no_check, as_json, **kwargs):
-    """Export a run's model (a student, or any run's last.pt / best.pt) to ONNX and check it with
-    onnxruntime against PyTorch on a batch of inputs (max abs difference of the logits)."""
-    from .commands.export import export_onnx, format_export
+def export_cmd(checkpoint, batch_images, no_check, as_json, **kwargs):
+    """Export a run's model (a student, or any run's last.pt / best.pt) to ONNX (--onnx) and/or
+    timm's pretrained folder format (--timm), each checked against PyTorch on a batch of inputs
+    (max abs difference of the logits)."""
+    from .commands.export import export, format_export
     images = None if not batch_images else (batch_images[0] if len(batch_images) == 1 else list(batch_images))
-    result = export_onnx(checkpoint, onnx_path, batch_images=images, check=not no_check, **kwargs)
+    result = export(checkpoint, batch_images=images, check=not no_check, **kwargs)
     click.echo(json.dumps(result) if as_json else format_export(result))
 
 
@@ -427,6 +478,37 @@ def evaluate_cmd(split_dir, out_dir, as_json, **kwargs):
     for cls, acc in result["per_class"].items():
         click.echo(f"  {cls:<24} {'-' if acc is None else f'{acc * 100:6.2f}%'}")
     click.echo(f"confusion matrix: {result['confusion_csv']}, {result['confusion_png']}")
+
+
+@main.command("predict")
+@click.argument("checkpoint", required=False, type=click.Path(path_type=str))
+@click.argument("images", nargs=-1, type=click.Path(path_type=str))
+@teacher_options
+@click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False),
+              help="CSV to write (path, class1, prob1, ...; with --tile: row, col, x, y, ...).")
+@click.option("--topk", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Classes written per image, most probable first.")
+@click.option("--tile", type=click.IntRange(min=1),
+              help="Cut one large image into SIZE x SIZE tiles (fully inside) and map their classes "
+                   "(a PNG beside the CSV).")
+@click.option("--stride", type=click.IntRange(min=1), help="With --tile: step between tiles (default SIZE).")
+@click.option("--force", is_flag=True, help="Replace an existing CSV (and class map).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per batch (default: the run's).")
+@click.option("--device", help="auto, cpu, cuda or cuda:N")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), help="run.precision")
+@config_options
+@one_line_errors
+def predict_cmd(checkpoint, images, **kwargs):
+    """Classify new images with a run's CHECKPOINT (last.pt, best.pt or its run folder) or, with
+    --teachers / --teacher and no CHECKPOINT, the teacher ensemble. IMAGES: files, folders
+    (recursive; sub-folders named like the classes give OA) or split parts (SPLIT:test)."""
+    from .commands.predict import predict
+    if checkpoint is not None and (kwargs["teacher_dir"] or kwargs["teachers"]):
+        images = (checkpoint,) + images  # the ensemble takes no CHECKPOINT: all are images
+        checkpoint = None
+    result = predict(list(images), checkpoint=checkpoint,
+                     note=lambda line: click.echo(line, err=True), **kwargs)
+    click.echo(json.dumps(result))
 
 
 @main.command("demo")

@@ -183,6 +183,7 @@ class RunConfig:
     compile_mode: str = "reduce-overhead"
     log_every: int = 20  # host reads of the loss happen once per this many steps
     eval_every: int = 1  # evaluate on the test split every this many epochs (and after the last)
+    tensorboard: bool = False  # TensorBoard event files in RUN/tensorboard (needs dali-erkt[tensorboard])
 
 
 @dataclass
@@ -207,6 +208,17 @@ def default_config(preset: str = "erkt") -> Config:
 def crop_size(resized_crop: ResizedCrop, image_size: int) -> int:
     """The random-resized-crop's intermediate size: as set, or 11/16 of the training size."""
     return resized_crop.size or max(8, round(image_size * 11 / 16))
+
+
+def teacher_weights_note(weights) -> str | None:
+    """The line saying how `model.teacher_weights` are used where they do not sum to 1 (the
+    ensemble divides them by their sum); None where they do."""
+    total = sum(float(w) for w in weights)
+    if not weights or not total > 0 or abs(total - 1.0) <= 1e-6:
+        return None
+    given = ", ".join(f"{float(w):g}" for w in weights)
+    used = ", ".join(f"{float(w) / total:.4g}" for w in weights)
+    return f"model.teacher_weights [{given}] sum to {total:g}; used as [{used}]"
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,7 +352,7 @@ def _coerce(where: str, current: Any, value: Any) -> Any:
                 raise ConfigError(f"{where} needs {len(current)} values, got {len(value)}")
             proto = current[0] if current else value[0] if value else ""
             return tuple(_coerce(where, proto, v) for v in value)
-        if isinstance(current, str):
+        if isinstance(current, str) and not isinstance(value, (list, tuple, dict)):
             return str(value)
     except ConfigError:
         raise

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .checkpoint import load_state, load_weights
 from .config import Config, differences, to_dict
-from .data.dataset import Split
+from .data.dataset import Split, split_sha256
 from .data.loader import DaliLoader
 from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluation import predict, scores
@@ -148,6 +148,13 @@ def setup(cfg: Config, split: Split, task, rt: Runtime, state: RunState | None, 
         trained = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     step = make_train_step(compiled(trained, rt), task, optimizer, scaler, rt)
     train, test = split_loaders(split, cfg, rt)
+    if not train.drop_last and train.source.per_rank % cfg.data.batch_size == 1 and \
+            any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        n, bs = train.source.per_rank, cfg.data.batch_size
+        other = next(b for b in range(bs + 1, n + 2) if n % b != 1)
+        raise ConfigError(f"data.drop_last=false leaves a last training batch of one image ({n} "
+                          f"images, batch size {bs}), which BatchNorm cannot train on: use "
+                          f"--batch-size {other}, or data.drop_last=true")
     task.prepare(rt)
     return Setup(model, step, optimizer, scaler, train, test)
 
@@ -175,9 +182,10 @@ def fit(cfg: Config, split: Split, out_dir, task, rt: Runtime, resume: bool = Fa
         allow_changes: bool = False, progress: bool = True) -> dict:
     """Train cfg.model.arch on `split` for cfg.optim.epochs with `task`; return the summary."""
     log = main_logger(rt)
-    with RunDir(out_dir, rt.main) as run:  # holds the folder's lock until the run ends
+    with RunDir(out_dir, rt.main, cfg.run.tensorboard) as run:  # holds the folder's lock until the run ends
         state = run.open(resume, log)
         if state is not None:
+            state.check_split(split.folder, split_sha256(split), allow_changes, log)
             _check_resumable(state, cfg, task, split.classes, run, allow_changes, log)
             if state.epoch >= cfg.optim.epochs:  # killed after its last epoch: complete it
                 summary = _summary(task.kind, cfg.model.arch, split.classes, state.history,
@@ -207,6 +215,7 @@ def fit(cfg: Config, split: Split, out_dir, task, rt: Runtime, resume: bool = Fa
             seconds = time.time() - t0
             record = {"epoch": epoch + 1, "lr": lr, **parts, "train_images": seen,
                       "train_seconds": round(seconds, 3), "images_per_s": round(seen / max(seconds, 1e-9), 2)}
+            ev = None
             if rt.main and ((epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == epochs):
                 with _failures(epoch, run, rt, cfg):
                     preds, targets = predict(s.model, s.test_loader, rt)
@@ -220,6 +229,8 @@ def fit(cfg: Config, split: Split, out_dir, task, rt: Runtime, resume: bool = Fa
             history.append(record)
             _check_weights(s.model, epoch, run, rt)
             run.save(_checkpoint(task, cfg, split, epoch, s, history, best, rt), best["epoch"] == epoch + 1)
+            if ev is not None:
+                run.write_confusion(ev["cm"], split.classes, epoch + 1)
             log(_epoch_line(name, record, best, epochs))
             barrier(rt)
         summary = _summary(task.kind, cfg.model.arch, split.classes, history, best, rt, time.time() - t_run)
@@ -270,7 +281,7 @@ def _check_weights(model, epoch: int, run: RunDir, rt: Runtime) -> None:
 
 # Settings a resumed run may change and stay exact: where and how fast it runs, what it logs.
 HARMLESS_CHANGES = ("data.num_threads", "data.prefetch", "run.device", "run.compile",
-                    "run.compile_mode", "run.log_every", "run.eval_every")
+                    "run.compile_mode", "run.log_every", "run.eval_every", "run.tensorboard")
 
 
 def _check_resumable(state: RunState, cfg: Config, task, classes, run: RunDir, allow_changes: bool,
@@ -303,7 +314,8 @@ def _checkpoint(task, cfg, split, epoch, s: Setup, history, best, rt: Runtime) -
     return RunState(kind=task.kind, arch=cfg.model.arch, classes=list(split.classes),
                     model=s.model.state_dict(), config=to_dict(cfg), epoch=epoch + 1,
                     optimizer=s.optimizer.state_dict(), scaler=s.scaler.state_dict(),
-                    history=history, best=best, rng={"torch": torch.get_rng_state(), "cuda": cuda})
+                    history=history, best=best, rng={"torch": torch.get_rng_state(), "cuda": cuda},
+                    split={"folder": split.folder, "sha256": split_sha256(split)})
 
 
 def _epoch_line(name: str, r: dict, best: dict, epochs: int) -> str:

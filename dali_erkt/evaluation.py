@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, TrainingError
 from .io import atomic_write_text
 from .metrics import ConfusionMeter, overall_accuracy, per_class_accuracy
 from .reports.confusion import write_confusion
@@ -18,17 +18,22 @@ def predict(model, loader, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits' argmax and targets for every batch of `loader`, kept on the device (no host reads).
 
     The loader goes on with its next epoch each call: evaluation epochs are all alike, and the
-    live pipeline is reused rather than rebuilt.
+    live pipeline is reused rather than rebuilt. A model whose logits are NaN or infinite on any
+    image (finite weights can still overflow) is refused: its argmax would be a silent guess.
     """
     was_training = model.training
     model.eval()
     preds, targets = [], []
+    finite = torch.ones((), dtype=torch.bool, device=rt.device)
     for batch in loader:
         with rt.autocast():
             logits = model(batch.images.to(rt.input_dtype))
+        finite &= logits.isfinite().all()
         preds.append(logits.argmax(1))
         targets.append(batch.labels)
     model.train(was_training)
+    if not finite.item():  # one host read per evaluation
+        raise TrainingError("the model computes NaN or infinite logits on the images evaluated")
     return torch.cat(preds), torch.cat(targets)
 
 

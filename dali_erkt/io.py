@@ -8,6 +8,7 @@ disk, a read-only folder) leaves no temporary file and raises one `WriteError` l
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -32,6 +33,27 @@ def _sync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+WRITE_ADVICE = "free some space, or choose a writable --out"
+
+
+@contextlib.contextmanager
+def writing(path, advice: str = WRITE_ADVICE):
+    """Turn an OSError raised inside the block (full disk, read-only folder, a file where a folder
+    should be) into one `WriteError` line naming `path`."""
+    try:
+        yield
+    except OSError as exc:
+        why = exc.strerror or str(exc).splitlines()[0]
+        raise WriteError(f"cannot write {path}: {why}; {advice}") from None
+
+
+def make_folder(path, advice: str = WRITE_ADVICE) -> Path:
+    """`mkdir -p path`, failing in one `WriteError` line."""
+    with writing(path, advice):
+        Path(path).mkdir(parents=True, exist_ok=True)
+    return Path(path)
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)` on a temporary file beside `path`, fsync it, then rename it over `path`."""
     path = Path(path)
@@ -49,8 +71,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         _sync_dir(path.parent)
     except OSError as exc:
         why = exc.strerror or str(exc).splitlines()[0]
-        raise WriteError(f"cannot write {path}: {why}; free some space, or choose a writable "
-                         "--out") from None
+        raise WriteError(f"cannot write {path}: {why}; {WRITE_ADVICE}") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)

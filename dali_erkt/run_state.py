@@ -40,13 +40,16 @@ class RunState:
     history: list = field(default_factory=list)  # one record per epoch, "epoch" from 1
     best: dict = field(default_factory=lambda: {"oa": -1.0, "epoch": -1})  # epoch -1: none yet
     rng: dict = field(default_factory=dict)
+    # The split trained on: {"folder": its folder, "sha256": `split_sha256`}; {} in runs written
+    # before it was recorded (nothing to compare on resume).
+    split: dict = field(default_factory=dict)
     path: str = ""  # where it was read from (for messages); not stored
 
     def to_checkpoint(self) -> dict:
         return {"schema": SCHEMA, "kind": self.kind, "arch": self.arch, "classes": list(self.classes),
                 "epoch": self.epoch, "model": self.model, "optimizer": self.optimizer,
                 "scaler": self.scaler, "history": self.history, "best": self.best, "rng": self.rng,
-                "config": self.config}
+                "config": self.config, "split": self.split}
 
     @classmethod
     def from_checkpoint(cls, state, path, resume: bool = False) -> "RunState":
@@ -89,13 +92,32 @@ class RunState:
         best = {"oa": float(best["oa"]), "epoch": best["epoch"]}
         config = state.get("config", {})
         _expect(isinstance(config, dict), path, "config", type(config).__name__, "a mapping")
+        split = state.get("split", {})
+        _expect(isinstance(split, dict) and all(isinstance(split.get(k, ""), str)
+                                                for k in ("folder", "sha256")),
+                path, "split", split, "{folder, sha256}")
         for name in ("optimizer", "scaler", "rng"):
             _expect(isinstance(state.get(name, {}), dict), path, name,
                     type(state.get(name)).__name__, "a mapping")
         return cls(kind=kind, arch=state["arch"], classes=list(classes), model=state["model"],
                    config=config, epoch=epoch, optimizer=state.get("optimizer", {}),
                    scaler=state.get("scaler", {}), history=history, best=best,
-                   rng=state.get("rng", {}), path=str(path))
+                   rng=state.get("rng", {}), split=split, path=str(path))
+
+    def check_split(self, folder: str, sha256: str, allow_changes: bool, log) -> None:
+        """Refuse, in one line naming both, resuming on a split whose lists differ from the one the
+        run was trained on (`allow_changes`: go on, saying so). Runs that recorded none pass."""
+        old = self.split.get("sha256")
+        if not old or old == sha256:
+            return
+        was = f"{self.split.get('folder') or 'a split'} (SHA-256 {old[:12]}...)"
+        now = f"{folder or 'this split'} ({sha256[:12]}...)"
+        if allow_changes:
+            log(f"resume: the split changed from {was} to {now}")
+            return
+        raise ConfigError(f"{self.path} was trained on split {was}, but --split {now} holds other "
+                          f"lists: resume with --split {self.split.get('folder') or 'of the run'}, "
+                          "or pass --allow-changes to go on with this split")
 
     def stored_config(self) -> Config:
         """The run's configuration, with today's defaults for settings added since it was written."""

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .errors import WriteError
+
 SCENE_CLASSES = ("farmland", "forest", "river", "residential", "desert", "parking", "lake", "airport")
 
 _FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "bmp": "BMP", "tif": "TIFF", "tiff": "TIFF"}
@@ -218,7 +220,8 @@ def make_scenes(root, classes: int = 6, per_class: int = 60, size: int = 64, see
 
     Layout: `root/<class>/<class>_<index>.<fmt>` (ImageFolder). Deterministic given `seed`;
     files of the same names are overwritten, other files are left alone. JPEG quality is 90.
-    Returns `root`.
+    Returns `root`. A folder that cannot be written raises one `WriteError` line (the scenes are
+    regenerated, not kept: a killed call is repeated, not resumed).
     """
     fmt = fmt.lower().lstrip(".")
     if fmt not in _FORMATS:
@@ -230,11 +233,16 @@ def make_scenes(root, classes: int = 6, per_class: int = 60, size: int = 64, see
                          f"(got {per_class}, {size}, {seed})")
     root = Path(root)
     save_args = {"quality": 90} if _FORMATS[fmt] == "JPEG" else {}
-    for k, name in enumerate(SCENE_CLASSES[: int(classes)]):
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(int(per_class)):
-            rng = np.random.Generator(np.random.PCG64([int(seed), k, i]))
-            pixels = render_scene(name, rng, int(size))
-            Image.fromarray(pixels).save(folder / f"{name}_{i:04d}.{fmt}", _FORMATS[fmt], **save_args)
+    try:
+        for k, name in enumerate(SCENE_CLASSES[: int(classes)]):
+            folder = root / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(int(per_class)):
+                rng = np.random.Generator(np.random.PCG64([int(seed), k, i]))
+                pixels = render_scene(name, rng, int(size))
+                Image.fromarray(pixels).save(folder / f"{name}_{i:04d}.{fmt}", _FORMATS[fmt], **save_args)
+    except OSError as exc:
+        why = exc.strerror or str(exc).splitlines()[0]
+        raise WriteError(f"cannot write the generated scenes into {root}: {why}; choose a writable "
+                         "--out") from None
     return root

@@ -20,7 +20,6 @@ killed half-way goes on from the last complete epoch and a partial epoch is neve
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,11 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config, to_dict
-from .data.dataset import Split
+from .data.dataset import Split, split_digests
 from .data.plan import num_batches, shard
 from .data.units import VIEWS_VERSION
 from .errors import ConfigError, DataError
-from .io import atomic_write_text, file_sha256
+from .io import atomic_write, atomic_write_text, file_sha256, make_folder, writing
 
 ROW_DTYPE = np.float16
 
@@ -41,10 +40,8 @@ ROW_DTYPE = np.float16
 def cache_key(cfg: Config, split: Split, teacher_checkpoints, precision: str, device_type: str,
               channels_last: bool, world: int) -> dict:
     """Everything a cached logit depends on (and nothing a sweep may change)."""
-    listing = "".join(f"{p}\t{y}\n" for p, y in split.train) + "|" + "\n".join(split.classes)
     return {
-        "split_sha256": hashlib.sha256(listing.encode()).hexdigest(),
-        "test_sha256": hashlib.sha256("".join(f"{p}\t{y}\n" for p, y in split.test).encode()).hexdigest(),
+        **split_digests(split),  # split_sha256 (train list and classes), test_sha256
         **config_key(cfg, precision, device_type, channels_last, world),
         "teacher_sha256": [file_sha256(p) for p in teacher_checkpoints],
         "versions": _versions(),
@@ -75,6 +72,9 @@ def _versions() -> dict:
             "timm": timm.__version__}
 
 
+CACHE_ADVICE = "free some space, or choose a writable --teacher-cache folder"
+
+
 class TeacherCache:
     """One rank's view of a cache folder."""
 
@@ -83,7 +83,7 @@ class TeacherCache:
         self.folder = Path(folder)
         self.key, self.rank = key, rank
         self.shape = (teachers, positions, classes)  # one epoch's rows
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_folder(self.folder, CACHE_ADVICE)
         saved = self.folder / "key.json"
         if saved.exists():
             old = _read_json(saved, dict, "a mapping of the settings the logits depend on")
@@ -149,15 +149,16 @@ class TeacherCache:
         need = (epoch + 1) * self._epoch_bytes()
         for k in range(self.shape[0]):
             path = self._file(k)
-            with open(path, "ab"):
-                pass
-            if os.path.getsize(path) < need:
-                os.truncate(path, need)  # grow by whole epochs (sparse until written)
-            out = np.memmap(path, dtype=ROW_DTYPE, mode="r+", offset=epoch * self._epoch_bytes(),
-                            shape=self.shape[1:])
-            out[:] = rows[k]
-            out.flush()
-            del out
+            with writing(path, CACHE_ADVICE):
+                with open(path, "ab"):
+                    pass
+                if os.path.getsize(path) < need:
+                    os.truncate(path, need)  # grow by whole epochs (sparse until written)
+                out = np.memmap(path, dtype=ROW_DTYPE, mode="r+", offset=epoch * self._epoch_bytes(),
+                                shape=self.shape[1:])
+                out[:] = rows[k]
+                out.flush()
+                del out
         self._done.add(epoch)
         atomic_write_text(self._status, json.dumps({"complete": sorted(self._done)}) + "\n")
 
@@ -181,7 +182,6 @@ class TeacherCache:
         return rows.reshape(shape)
 
     def write_test(self, logits: np.ndarray) -> None:
-        from .io import atomic_write
         atomic_write(self.folder / f"r{self.rank}-test.f16",
                      lambda tmp: logits.astype(ROW_DTYPE).tofile(tmp))
         atomic_write_text(self.folder / f"r{self.rank}-test.json",

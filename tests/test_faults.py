@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import signal
 import subprocess
@@ -22,29 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
 
 from dali_erkt.checkpoint import load_checkpoint, save_checkpoint
-from dali_erkt.cli import main
 from dali_erkt.synthetic import make_scenes
+
+from cli_helpers import cli, mount_tmpfs, one_error_line, umount
 
 SIZE, ARCH, EPOCHS = 32, "resnet10t", 3
 BIN = Path(sys.executable).parent / "dali-erkt"
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_error_line(r, *words, code=2):
-    """Exit status `code`, exactly one `error:` line that contains `words`, no traceback."""
-    err = r.stderr if hasattr(r, "stderr") else r
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert getattr(r, "exit_code", None) == code or getattr(r, "returncode", None) == code, err[-2000:]
-    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
 
 
 def consistent(run: Path, killed: bool = False):
@@ -338,19 +322,10 @@ def test_files_get_the_umask_mode(data, tmp_path):
     assert set(modes.values()) == {0o644}, modes
 
 
-def _mount_tmpfs(folder: Path, size: str, *options) -> bool:
-    folder.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        return False
-    opts = ",".join((f"size={size}",) + options)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(folder)],
-                          capture_output=True).returncode == 0
-
-
 @pytest.mark.parametrize("size", ["2m", "80m"])
 def test_full_disk_is_one_line_and_keeps_what_was_written(data, tmp_path, size):
     disk = tmp_path / "disk"
-    if not _mount_tmpfs(disk, size):
+    if not mount_tmpfs(disk, size):
         pytest.skip("needs root and permission to mount a tmpfs (a small full disk)")
     try:
         # Fill the disk but for a little, so the run fails part-way through its writes.
@@ -362,17 +337,17 @@ def test_full_disk_is_one_line_and_keeps_what_was_written(data, tmp_path, size):
         if (disk / "run").exists():
             consistent(disk / "run")
     finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+        umount(disk)
 
 
 def test_read_only_output_folder(data, tmp_path):
     disk = tmp_path / "ro"
-    if not _mount_tmpfs(disk, "4m", "ro"):
+    if not mount_tmpfs(disk, "4m", "ro"):
         pytest.skip("needs root and permission to mount a read-only tmpfs")
     try:
         one_error_line(cli(*train_args(data, disk / "run")), "cannot write", "Read-only", code=3)
     finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+        umount(disk)
 
 
 # ---- configuration and command line ----------------------------------------------------------
@@ -528,3 +503,71 @@ def test_results_without_last_pt_are_not_started_over(data, tmp_path):
     r = cli(*train_args(data, out, "--epochs", 1, "--resume"))
     one_error_line(r, "holds results (log.jsonl, summary.json) but no last.pt")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+# ---- the divergence guard: only a state that computes finite outputs is kept ----------------
+
+def test_finite_weights_with_infinite_logits_are_not_evaluated(data, tmp_path):
+    run = tmp_path / "run"
+    assert cli(*train_args(data, run, "--epochs", 1)).exit_code == 0
+    state = load_checkpoint(run / "last.pt")
+    state["model"]["fc.weight"].fill_(3e38)  # finite, but x @ w overflows
+    save_checkpoint(run / "last.pt", state)
+    r = cli("evaluate", "--split", data / "split", "--checkpoint", run / "last.pt", "--out",
+            tmp_path / "ev", "--device", "cpu")
+    one_error_line(r, str(run / "last.pt"), "NaN or infinite logits", code=3)
+    assert not (tmp_path / "ev").exists() or not list((tmp_path / "ev").iterdir())
+
+
+def test_a_state_with_infinite_logits_is_never_saved(data, tmp_path, monkeypatch):
+    """Epoch 2's weights compute infinite logits (simulated: the model's eval-mode output is
+    scaled by inf from the second evaluation on): the run stops, keeping epoch 1's checkpoints."""
+    import dali_erkt.engine as engine
+    calls = []
+
+    class Overflowing(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(x) * float("inf")
+
+    def predict(model, loader, rt):
+        calls.append(1)
+        return real(Overflowing(model) if len(calls) >= 2 else model, loader, rt)
+
+    real = engine.predict
+    monkeypatch.setattr(engine, "predict", predict)
+    run = tmp_path / "run"
+    r = cli(*train_args(data, run))
+    one_error_line(r, "NaN or infinite logits", "epoch 2", "last good checkpoint", code=3)
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+    assert load_checkpoint(run / "best.pt")["epoch"] == 1
+    consistent(run)
+
+
+def test_demo_into_a_read_only_folder_is_one_line(tmp_path):
+    disk = tmp_path / "ro"
+    if not mount_tmpfs(disk, "4m", "ro"):
+        pytest.skip("needs root and permission to mount a read-only tmpfs")
+    try:
+        one_error_line(cli("demo", "--out", disk / "demo"), "cannot write", "Read-only", code=3)
+    finally:
+        umount(disk)
+
+
+def test_weights_with_integer_keys_are_one_line(data, tmp_path):
+    torch.save({1: torch.zeros(3)}, tmp_path / "int-keys.pt")
+    r = cli(*train_args(data, tmp_path / "run", "--weights", tmp_path / "int-keys.pt"))
+    one_error_line(r, "int-keys.pt is not a state dict", "key 1 is not a tensor name")
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_last_batch_of_one_image_is_refused_before_training(data, tmp_path):
+    # 12 training images in batches of 11 leave one image, which BatchNorm cannot train on.
+    r = cli(*train_args(data, tmp_path / "run", "--batch-size", 11, "--set", "data.drop_last=false"))
+    one_error_line(r, "last training batch of one image", "--batch-size 12")
+    assert not (tmp_path / "run" / "last.pt").exists()
+    assert cli(*train_args(data, tmp_path / "ok", "--batch-size", 12, "--epochs", 1,
+                           "--set", "data.drop_last=false")).exit_code == 0

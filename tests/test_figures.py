@@ -75,6 +75,17 @@ def test_grad_cam_on_timm_models(arch, layer):
     assert ((cam.probs > 0) & (cam.probs < 1)).all()
 
 
+def test_a_flat_map_is_zeros_not_rounding_noise():
+    # resnet10t at 32 px: layer4 is 1 x 1, so every map is one number upsampled (no spatial
+    # information); its rounding differences must not be scaled up to [0, 1].
+    torch.manual_seed(0)
+    model = create_model("resnet10t", 3)
+    cam = grad_cam(model, "layer4", torch.randn(2, 3, 32, 32), [0, 1])
+    assert cam.maps.shape == (2, 32, 32) and (cam.maps == 0).all()
+    cam = grad_cam(model, "layer4", torch.randn(2, 3, 96, 96), [0, 0])  # 3 x 3: real maps
+    assert (cam.maps.amax(dim=(1, 2)) == 1).all() and (cam.maps.amin(dim=(1, 2)) == 0).all()
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("figures")
@@ -100,9 +111,10 @@ def test_explain_writes_the_grid(run):
     out = run["root"] / "cam.png"
     result = explain(run["ckpts"], images, out)
     w, h = png_size(out)
-    # Panels of 1.9 in at 110 dpi: 1 + 2 columns; 3 rows of 1.9 + 0.35 in, plus the title.
-    assert w == round(1.9 * 3 * 110)
-    assert (1.9 + 0.35) * 3 * 110 < h < ((1.9 + 0.35) * 3 + 1.0) * 110
+    # Panels of 1.9 in at 110 dpi: 1 + 2 columns; 3 rows of 1.9 in plus captions, plus the
+    # title; saved with a tight bounding box (a little under the figure's size).
+    assert 0.85 * 1.9 * 3 * 110 < w <= round(1.9 * 3 * 110) + 2
+    assert 1.9 * 3 * 110 < h < ((1.9 + 0.45) * 3 + 0.6) * 110 + 2
     assert result["target_layers"] == {c: "layer4" for c in run["ckpts"]}
     assert result["image_size"] == 32 and result["explained"] == "predicted"
     assert all(len(v) == 3 for v in result["predicted"].values())
@@ -117,7 +129,8 @@ def test_explain_writes_the_grid(run):
     out2 = run["root"] / "cam_true.png"
     result = explain(run["ckpts"][:1], [one], out2, labels=[run["split"].classes[1]] * 2,
                      image_size=48)
-    assert png_size(out2)[0] == round(1.9 * 2 * 110) and result["explained"] == "true"
+    assert 0.8 * 1.9 * 2 * 110 < png_size(out2)[0] <= round(1.9 * 2 * 110) + 2
+    assert result["explained"] == "true"
 
 
 def test_explain_refuses_bad_input_in_one_line(run, tmp_path):
@@ -165,3 +178,82 @@ def test_embed_names_the_missing_extra(run, tmp_path, monkeypatch):
         embed(run["ckpts"][0], run["root"] / "split", tmp_path / "t.png")
     with pytest.raises(ConfigError, match="perplexity"):
         embed(run["ckpts"][0], run["root"] / "split", tmp_path / "t.png", perplexity=float("nan"))
+
+
+# ---- layout: no heading or title clipped or overlapping ------------------------------------------
+
+def text_boxes(fig, texts):
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    return [t.get_window_extent(renderer) for t in texts if t.get_text()]
+
+
+def inside(box, outer, slack=1.0) -> bool:
+    return (box.x0 >= outer.x0 - slack and box.y0 >= outer.y0 - slack
+            and box.x1 <= outer.x1 + slack and box.y1 <= outer.y1 + slack)
+
+
+def long_columns(n: int, rows: int = 2):
+    """n columns headed as explain heads them, with the longest timm names of the study."""
+    rng = np.random.default_rng(0)
+    archs = ["tf_efficientnet_lite0", "tf_efficientnet_lite2", "tf_efficientnet_lite1",
+             "efficientnet_b3", "mobilenetv2_100", "tf_efficientnet_lite0"]
+    return [(f"{'student' if k == 0 else 'teacher'} {archs[k % 6]}\n{archs[k % 6]}/last.pt\nat bn2",
+             [rng.random((32, 32)) for _ in range(rows)],
+             [f"pred sparse_residential ({'right' if k % 2 else 'WRONG'})\nmap of "
+              f"sparse_residential p=0.{k}3" for _ in range(rows)]) for k in range(n)]
+
+
+@pytest.mark.parametrize("models", [2, 5])  # 3 and 6 columns with the image column
+def test_grad_cam_headings_neither_overlap_nor_leave_the_figure(models):
+    from dali_erkt.reports.gradcam import grid_figure
+
+    rng = np.random.default_rng(1)
+    images = [rng.random((32, 32, 3)) for _ in range(2)]
+    rows = ["sparse_residential/sparse_residential_0001.jpg\ntrue: sparse_residential"] * 2
+    fig = grid_figure(images, rows, long_columns(models), title="Grad-CAM at the last "
+                      "convolutional stage, for the true class; images at 32 px (trained at 32 px)")
+    axes = fig.axes
+    headings = [ax.title for ax in axes[:models + 1]]
+    captions = [ax.xaxis.label for ax in axes]
+    figure_box = fig.bbox
+    heads = text_boxes(fig, headings)
+    assert len(heads) == models + 1
+    for i, a in enumerate(heads):
+        assert inside(a, figure_box), (headings[i].get_text(), a, figure_box)
+        for b in heads[i + 1:]:
+            assert a.x1 <= b.x0 or b.x1 <= a.x0, "column headings overlap"
+    # Each heading sits within its own column's share of the width; captions too, and none
+    # overlaps another in its row.
+    width = figure_box.width / (models + 1)
+    assert all(box.width <= width for box in heads)
+    caps = text_boxes(fig, captions)
+    assert all(inside(box, figure_box) and box.width <= width for box in caps)
+    for r in range(2):
+        row = sorted(caps[r * (models + 1):(r + 1) * (models + 1)], key=lambda b: b.x0)
+        assert all(a.x1 <= b.x0 for a, b in zip(row, row[1:])), "captions overlap"
+    # The title is inside the figure and above every heading.
+    (sup,) = text_boxes(fig, [fig._suptitle])
+    assert inside(sup, figure_box) and sup.y0 >= max(b.y1 for b in heads) - 1
+    # The heading keeps the role and the architecture on its first line, the layer apart.
+    first = headings[1].get_text().split("\n")
+    assert first[0] == "student tf_efficientnet_lite0" and first[-1] == "at bn2"
+
+
+def test_tsne_title_is_inside_the_figure():
+    from dali_erkt.reports.tsne import tsne_figure
+
+    rng = np.random.default_rng(0)
+    names = [f"class_with_a_long_name_{k}" for k in range(12)]
+    labels = rng.integers(0, 12, 200)
+    title = ("t-SNE of student tf_efficientnet_lite0 penultimate features (1280-d), 200 test "
+             "images; test OA 77.1%; perplexity 30")
+    fig = tsne_figure(rng.normal(size=(200, 2)), labels, names, (labels + (rng.random(200) < 0.2)) % 12,
+                      title)
+    (ax,) = fig.axes
+    boxes = text_boxes(fig, [fig._suptitle, ax.get_legend().get_title(),
+                             *ax.get_legend().get_texts(), ax.xaxis.label, ax.yaxis.label])
+    assert all(inside(box, fig.bbox) for box in boxes), [b for b in boxes if not inside(b, fig.bbox)]
+    assert fig._suptitle.get_text().replace("\n", " ") == title  # wrapped, nothing cut
+    legend = ax.get_legend().get_window_extent(fig.canvas.get_renderer())
+    assert inside(legend, fig.bbox) and legend.x0 >= ax.get_window_extent().x1 - 1

@@ -554,3 +554,54 @@ def test_mdistiller_style_loop_unpacks_images_targets_indices(data):
             indices += index.tolist()
         assert idx == num_iter - 1 and sorted(indices) == list(range(N))
         assert len(train_loader.dataset) == N
+
+
+def test_lightning_trainer_fit(data):
+    """Lightning's `Trainer.fit` with the loader as train and val dataloaders: Lightning sets the
+    sampler's epoch itself, counts batches with `len`, and moves nothing (the batches are tensors
+    on the loader's device already)."""
+    L = pytest.importorskip("lightning")
+    labels = torch.tensor(data[1])
+
+    class KD(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.student, self.teacher = tiny(0), tiny(1).eval()
+            self.seen, self.val_seen = {}, 0
+
+        def training_step(self, batch, batch_idx):
+            x, y, index = batch
+            assert torch.equal(y, labels[index])
+            self.seen.setdefault(self.current_epoch, []).extend(index.tolist())
+            with torch.no_grad():
+                t = self.teacher(x)
+            s = self.student(x)
+            return F.cross_entropy(s, y) + F.kl_div(F.log_softmax(s / 4, 1), F.softmax(t / 4, 1),
+                                                    reduction="batchmean") * 16
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.val_seen += y.shape[0]
+            self.log("val_acc", (self.student(x).argmax(1) == y).float().mean())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.student.parameters(), lr=0.05)
+
+    train = plain(data, fields=("images", "labels", "indices"))
+    val = plain(data, train=False, fields=("images", "labels"), batch_size=8)
+    epochs_set = []
+    set_epoch = train.set_epoch
+    train.set_epoch = lambda epoch, *a: (epochs_set.append(epoch), set_epoch(epoch, *a))[1]
+    module = KD()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    with deadline(300):
+        trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
+    assert trainer.num_training_batches == len(train) == EPOCH
+    assert sorted(module.seen) == [0, 1]
+    for epoch, seen in module.seen.items():
+        assert sorted(seen) == list(range(N)), epoch  # each epoch the whole set, once
+    assert epochs_set[:2] == [0, 1]  # Lightning set each epoch through loader.sampler.set_epoch
+    assert module.seen[0] != module.seen[1]
+    assert module.val_seen == 2 * N and 0.0 <= trainer.callback_metrics["val_acc"] <= 1.0

@@ -77,3 +77,105 @@ def test_parse_at():
                                                                   ("resnet50", 256))
     with pytest.raises(ConfigError, match="ARCH@SIZE"):
         parse_at(["efficientnet_b3:300"])
+
+
+# ---- a run's own models --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two teachers (one an EfficientNet-Lite) and a student, trained 1 epoch at 32 px on 3 classes."""
+    from click.testing import CliRunner
+
+    from dali_erkt.cli import main
+    from dali_erkt.synthetic import make_scenes
+
+    root = tmp_path_factory.mktemp("models-runs")
+    data = make_scenes(root / "data", classes=3, per_class=6, size=32)
+    tiny = ["--epochs", "1", "--image-size", "32", "--batch-size", "3", "--device", "cpu",
+            "--no-progress", "--set", "data.num_threads=1"]
+    runner = CliRunner()
+    commands = [["split", str(data), "--train-ratio", "0.5", "--out", str(root / "split")]]
+    for arch in ("resnet10t", "tf_efficientnet_lite0"):
+        commands.append(["train-teacher", "--split", str(root / "split"), "--arch", arch,
+                         "--out", str(root / "teachers" / arch), *tiny])
+    commands.append(["distill", "--split", str(root / "split"), "--teachers", str(root / "teachers"),
+                     "--set", "model.teachers=[resnet10t,tf_efficientnet_lite0]",
+                     "--set", "model.teacher_weights=[0.5,0.5]", "--set", "model.arch=resnet10t",
+                     "--out", str(root / "student"), *tiny])
+    for argv in commands:
+        r = runner.invoke(main, argv)
+        assert r.exit_code == 0, r.output
+    return root
+
+
+def run_models(*argv):
+    import json
+
+    from click.testing import CliRunner
+
+    from dali_erkt.cli import main
+    r = CliRunner().invoke(main, ["models", *map(str, argv), "--json"])
+    return r, (json.loads(r.stdout) if r.exit_code == 0 else None)
+
+
+def test_a_runs_own_models_at_its_size_and_classes(trained):
+    r, result = run_models(trained / "student", trained / "teachers",
+                           trained / "teachers" / "tf_efficientnet_lite0" / "best.pt", "--no-timing")
+    assert r.exit_code == 0, r.output
+    got = [(row["name"], row["role"], row["image_size"], row["num_classes"]) for row in result["rows"]]
+    assert got == [("resnet10t", "student", 32, 3),
+                   ("resnet10t", "teacher", 32, 3), ("tf_efficientnet_lite0", "teacher", 32, 3),
+                   ("ensemble(resnet10t+tf_efficientnet_lite0)", "ensemble", 32, 3),
+                   ("tf_efficientnet_lite0", "teacher", 32, 3)]  # the paper's trio not asked for
+    assert not result["paper"] and all(row["latency_ms"] is None for row in result["rows"])
+    rows = result["rows"]
+    assert rows[0]["source"] == str(trained / "student" / "last.pt")
+    assert rows[3]["source"] == str(trained / "teachers")
+    # Each row is the model as built for 3 classes at 32 px (not 1,000 classes, not 224 px).
+    from dali_erkt.models import create_model
+    for row, arch in ((rows[0], "resnet10t"), (rows[2], "tf_efficientnet_lite0")):
+        model = create_model(arch, 3)
+        assert row["params_m"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
+        assert row["gmacs"] == pytest.approx(count_macs(model, 32) / 1e9)
+    # The ensemble is the sum of its members; the checkpoint given by itself equals its run's row.
+    for key in ("params_m", "gmacs"):
+        assert rows[3][key] == pytest.approx(rows[1][key] + rows[2][key], rel=1e-6)
+        assert rows[4][key] == rows[2][key]
+    text = format_table(result)
+    assert "1000" not in text and str(trained / "teachers") in text and "random" not in text
+    assert [line.split()[1] for line in text.splitlines()[2:7]] == [
+        "student", "teacher", "teacher", "ensemble", "teacher"]
+
+
+def test_a_run_timed_and_with_the_paper_on_request(trained):
+    r, result = run_models(trained / "teachers", "--runs", "1", "--images", "4", "--batch-size", "2")
+    assert r.exit_code == 0, r.output
+    assert [row["role"] for row in result["rows"]] == ["teacher", "teacher", "ensemble"]
+    for row in result["rows"]:
+        assert row["latency_ms"] > 0 and row["images_per_s"] > 0 and row["image_size"] == 32
+    r, result = run_models(trained / "student", "mobilenetv2_050", "--paper", "--no-timing")
+    assert r.exit_code == 0, r.output
+    roles = [(row["name"], row["role"], row["num_classes"]) for row in result["rows"]]
+    assert roles[0] == ("resnet10t", "student", 3)
+    assert ("efficientnet_b3 @300", "at size", 1000) in roles and ("mobilenetv2_050", "other", 1000) in roles
+    assert [n for n, role, _ in roles if role == "teacher"] == list(
+        ("efficientnet_b3", "efficientnet_b0", "resnet50"))
+
+
+def test_names_alone_are_the_papers_table(tmp_path):
+    # The README's Table 8 form: arch names only give the paper's models and the names.
+    r, result = run_models("mobilenetv2_050", "--no-timing", "--image-size", "32")
+    assert r.exit_code == 0, r.output
+    assert result["paper"] and result["rows"][-1]["name"] == "efficientnet_b3 @300"
+    assert ("mobilenetv2_050", "other") in [(row["name"], row["role"]) for row in result["rows"]]
+
+
+def test_bad_runs_are_one_line(tmp_path, trained):
+    (tmp_path / "empty").mkdir()
+    for arg, words in ((tmp_path / "empty", "holds no last.pt"),
+                       (tmp_path / "nope" / "last.pt", "not a run folder"),
+                       (trained / "split" / "train.txt", "")):
+        r, _ = run_models(arg, "--no-timing")
+        assert r.exit_code == 2, r.output
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines

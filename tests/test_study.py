@@ -170,6 +170,8 @@ def test_students_share_a_cache_folder_exactly_when_their_views_and_teachers_agr
     for args in (["--table", "6"], ["--table", "7"], ["--table", "kd"],
                  ["--vary", "model.teacher_weights=[0.2,0.8],[0.8,0.2]"]):
         assert len(set(caches(print_commands(data, tmp_path / "s", *args, *COMMON)).values())) == 1, args
+    table9 = caches(print_commands(data, tmp_path / "s", "--table", "9", *COMMON))
+    assert sorted(table9) == ["dist", "erkt"] and table9["dist"] != table9["erkt"]  # base vs VSM views
     views = caches(print_commands(data, tmp_path / "s", "--vary", "vsm.cutmix.p=0.1,0.5", "--vary",
                                   "data.mean=[0.5,0.5,0.5],[0.4,0.4,0.4]", *COMMON))
     assert len(set(views.values())) == 4

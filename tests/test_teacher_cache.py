@@ -138,9 +138,29 @@ def test_key_mismatch_half_filled_cache_and_short_disk(setup, tmp_path, monkeypa
     from collections import namedtuple
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(100, 100, 10))
-    r = cli(*args[:-1], tmp_path / "new", *args[-0:][:0], "--epochs", 2) if False else \
-        cli(*[tmp_path / "new" if a == cache else a for a in args], "--epochs", 2)
+    r = cli(*[tmp_path / "new" if a == cache else a for a in args], "--epochs", 2)
     assert r.exit_code == 2 and "needs 0.00 GB but" in r.stderr and not (tmp_path / "new" / "r0.json").exists()
+
+
+def test_a_read_only_cache_folder_is_one_line(setup, tmp_path):
+    from cli_helpers import mount_tmpfs, umount
+    disk = tmp_path / "ro"
+    if not mount_tmpfs(disk, "1m", "ro"):
+        pytest.skip("needs root and permission to mount a read-only tmpfs")
+    try:
+        teachers = ["--teachers", setup / "t", "--device", "cpu", "--image-size", SIZE,
+                    "--batch-size", 5, "--epochs", 1, "--set", "model.teachers=[resnet10t,resnet14t]",
+                    "--set", "model.teacher_weights=[0.5,0.5]"]
+        for command in (["cache-teachers", "--split", setup / "split", *teachers],
+                        ["distill", "--split", setup / "split", "--out", tmp_path / "s", "--no-progress",
+                         "--set", f"model.arch={ARCH}", *teachers]):
+            r = cli(*command, "--teacher-cache", disk / "cache")
+            lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+            assert r.exit_code == 3 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+            assert f"cannot write {disk / 'cache'}" in lines[0] and "Read-only" in lines[0]
+            assert "--teacher-cache" in lines[0]
+    finally:
+        umount(disk)
 
 
 # ---- files read back are validated: a damaged cache is one line naming the file -----------------

@@ -22,8 +22,30 @@ def config_from_options(default_preset: str, *, config_path=None, preset=None, o
     unknown = set(flags) - set(FLAG_KEYS)
     if unknown:
         raise TypeError(f"unknown options {sorted(unknown)}")
-    return resolve_config(default_preset, config_path, preset, overrides,
-                          {**values, **(extra_flags or {})}, base=base)
+    top = {**values, **(extra_flags or {})}
+    cfg = resolve_config(default_preset, config_path, preset, overrides, top, base=base)
+    _record_weights(cfg, overrides, top)
+    return cfg
+
+
+def _record_weights(cfg: Config, overrides, top: dict) -> None:
+    """model.weights with its SHA-256, however it was given: a path set by `--set model.weights`
+    (without its own `model.weights_sha256`) is resolved, checked and hashed now; a path from a
+    file without a recorded hash is hashed where the file exists (an unreadable one is refused
+    when the run starts). A recorded hash is kept: the run checks the file against it."""
+    m = cfg.model
+    if not m.weights or "model.weights_sha256" in top:
+        return
+    keys = [o.split("=", 1)[0].strip() for o in overrides]
+    set_here = "model.weights" in keys and "model.weights_sha256" not in keys
+    path = Path(m.weights).expanduser()
+    if set_here:
+        if not path.is_file():
+            raise ConfigError(f"model.weights = {m.weights}: no such file; give the path of a "
+                              "weights file (safetensors or a torch state dict)")
+        m.weights, m.weights_sha256 = str(path.resolve()), file_sha256(path)
+    elif not m.weights_sha256 and path.is_file():
+        m.weights_sha256 = file_sha256(path)
 
 
 def weights_flags(weights, pretrained: bool) -> dict:

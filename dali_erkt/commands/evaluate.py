@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import save_config, to_dict
+from ..config import save_config, teacher_weights_note, to_dict
 from ..data.dataset import load_split
 from ..data.loader import DaliLoader
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 from ..evaluation import predict, scores, write_report
 from ..models import build_ensemble, load_trained, place
 from ..run_state import stored_config
@@ -47,12 +47,19 @@ def evaluate(split_dir, out_dir, *, checkpoint=None, teacher_dir=None, teachers=
     if model is None:
         m = cfg.model
         model = build_ensemble(m.teachers, paths, m.teacher_weights, m.combine, split.classes)
+        if teacher_weights_note(m.teacher_weights):
+            note(f"note: {teacher_weights_note(m.teacher_weights)}")
     if part != "test":
         name += f"-{part}"
     rt = resolve_runtime(cfg.run)
     loader = DaliLoader.from_split(split, part, cfg, device=rt, train=False)
-    preds, targets = predict(place(model, rt.device, rt.channels_last), loader, rt)
-    loader.close()
+    try:
+        preds, targets = predict(place(model, rt.device, rt.channels_last), loader, rt)
+    except TrainingError as exc:
+        raise TrainingError(f"{checkpoint or name}: {exc}; it cannot be evaluated (retrain it, or "
+                            "evaluate an earlier checkpoint)") from None
+    finally:
+        loader.close()
     result = write_report(scores(preds, targets, len(split.classes)), split.classes, out_dir, name,
                           part, int(targets.numel()), force=force,
                           extra={"checkpoint": str(checkpoint) if checkpoint else None,

@@ -118,7 +118,7 @@ def explain(checkpoints, images, out, *, image_size=None, device="cpu", labels=N
             raise ConfigError(f"Grad-CAM cannot run on {path} ({state.arch}: {why}): explain "
                               "needs a CNN with a convolutional feature map") from None
         where = f"{Path(path).parent.name}/{Path(path).name}"
-        heading = f"{state.kind} {state.arch}\n{where}, at {layer}"
+        heading = f"{state.kind} {state.arch}\n{where}\nat {layer}"  # wrapped to the column
         caps = [f"pred {classes[p]} p={q:.2f}" if targets is None else
                 f"pred {classes[p]} ({'right' if p == t else 'WRONG'})\n"
                 f"map of {classes[t]} p={q:.2f}"

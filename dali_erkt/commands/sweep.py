@@ -10,7 +10,9 @@
 Every step is a command and its settings (`Step`), run in this process through the command's
 library function; `--print-commands` prints each as the `dali-erkt` line that runs the same. A
 finished step (its done file) is skipped and a started one resumed, so a killed sweep goes on
-where it stopped.
+where it stopped. Each role gets its own settings and start: teachers the shared settings less the
+student-only ones, plus their own (`--teacher-epochs`, `--teacher-lr`, `--teacher-preset`,
+`--teacher-set`); each model its own weights file (`--weights ARCH=FILE`, `--weights-dir`).
 """
 from __future__ import annotations
 
@@ -107,18 +109,101 @@ def _values(text: str) -> list[str]:
     return values + [text[start:]]
 
 
-def plan(data, train_ratio: float, seeds, out, *, vary=(), table=None, options=None) -> list[Step]:
-    """Every step of the sweep, in order. `options` (keyword arguments of the training commands:
-    `overrides`, `epochs`, `device`, `progress`, ...) go to every teacher and student."""
+# Settings only a distillation uses: never passed to a teacher's train-teacher step.
+STUDENT_ONLY = ("model.arch", "model.teachers", "model.teacher_weights", "model.combine", "loss.")
+# Set per role by --weights / --weights-dir / --pretrained, not by --set.
+_START_KEYS = ("model.weights", "model.weights_sha256", "model.pretrained")
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
+
+
+def _key(item: str) -> str:
+    return item.split("=", 1)[0].strip()
+
+
+def _student_only(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in STUDENT_ONLY)
+
+
+def _check_overrides(flag: str, overrides) -> None:
+    for item in overrides:
+        if _key(item) in _START_KEYS:
+            raise ConfigError(f"{flag} {item!r}: a sweep starts each role from --weights ARCH=FILE, "
+                              "--weights-dir DIR or --pretrained, not from --set model.weights")
+        if flag == "--teacher-set" and _student_only(_key(item)):
+            raise ConfigError(f"--teacher-set {item!r}: {_key(item)} is a student's setting (a "
+                              "teacher trains its own arch with CE); give it with --set")
+
+
+def weights_mapping(items) -> dict[str, str]:
+    """--weights ARCH=FILE items (ARCH a teacher's or the student's arch, or `student`) as a dict."""
+    out = {}
+    for item in items:
+        arch, _, path = item.partition("=")
+        arch, path = arch.strip(), path.strip()
+        if not arch or not path:
+            raise ConfigError(f"--weights {item!r} must look like ARCH=FILE (a teacher's or the "
+                              "student's arch, or student=FILE for the student alone)")
+        if arch in out:
+            raise ConfigError(f"--weights names {arch} twice: give one file per arch")
+        out[arch] = path
+    return out
+
+
+def start_point(role: str, arch: str, mapping: dict, weights_dir, pretrained: bool) -> dict:
+    """Where a role's model starts, as its command's keyword arguments: a local file (`weights`:
+    --weights student=FILE for the student, then --weights ARCH=FILE, then DIR/<arch>.safetensors,
+    .pth or .pt in --weights-dir), else the hub (`pretrained`), else random initialisation. With
+    --weights-dir and without --pretrained, an arch without a file there is refused."""
+    path = (mapping.get("student") if role == "student" else None) or mapping.get(arch)
+    if path is None and weights_dir is not None:
+        found = [Path(weights_dir) / f"{arch}{s}" for s in WEIGHT_SUFFIXES
+                 if (Path(weights_dir) / f"{arch}{s}").is_file()]
+        if len(found) > 1:
+            raise ConfigError(f"--weights-dir {weights_dir} holds {len(found)} files for {arch} "
+                              f"({', '.join(p.name for p in found)}): keep one")
+        if found:
+            path = str(found[0])
+        elif not pretrained:
+            raise ConfigError(f"--weights-dir {weights_dir} has no {arch}.safetensors, .pth or .pt "
+                              f"for the {role} {arch}: add it, or pass --pretrained for the hub's")
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"weights file {path} (the {role} {arch}) does not exist")
+        return {"weights": path}
+    return {"pretrained": True} if pretrained else {}
+
+
+def plan(data, train_ratio: float, seeds, out, *, vary=(), table=None, options=None,
+         teacher_options=None, weights=(), weights_dir=None) -> list[Step]:
+    """Every step of the sweep, in order, each one's configuration resolved and validated.
+    `options` (keyword arguments of the training commands: `overrides`, `epochs`, `device`,
+    `progress`, `pretrained`, ...) go to every teacher and student, except the student-only
+    settings (`STUDENT_ONLY`), which teachers never get; `teacher_options` (`epochs`, `lr`,
+    `preset`, `overrides`) go to the teachers only, over `options`. `weights` (--weights
+    ARCH=FILE items), `weights_dir` and `pretrained` choose each role's start (`start_point`)."""
     options = dict(options or {})
     if options.get("seed") is not None:
         raise ConfigError("sweep seeds its runs with --seeds (a seed draws the split and seeds "
                           "every run of it), not --seed")
     options.pop("seed", None)
+    pretrained = bool(options.pop("pretrained", False))
+    teacher_options = _drop_empty(dict(teacher_options or {}))
     common = tuple(options.pop("overrides", ()))
+    teacher_set = tuple(teacher_options.pop("overrides", ()))
+    _check_overrides("--set", common)
+    _check_overrides("--teacher-set", teacher_set)
+    for item in vary:
+        _check_overrides("--vary", [item])
+    if weights_dir is not None and not Path(weights_dir).is_dir():
+        raise ConfigError(f"--weights-dir {weights_dir} is not a folder")
+    mapping = weights_mapping(weights)
     teachers = _config({**options, "overrides": common}).model.teachers
+    to_teachers = tuple(o for o in common if not _student_only(_key(o))) + teacher_set
+    # A teacher's own setting wins over a shared dedicated flag of the same key (--lr, --epochs).
+    own = {_key(o) for o in teacher_set}
+    shared = {k: v for k, v in options.items() if FLAG_KEYS.get(k) not in own}
     students = grid(list(vary), table, teachers)
-    steps = []
+    steps, archs = [], set(teachers)
     for seed in seeds:
         root = Path(out) / f"seed-{seed}"
         split = root / "split"
@@ -126,17 +211,26 @@ def plan(data, train_ratio: float, seeds, out, *, vary=(), table=None, options=N
             "data": str(data), "train_ratio": train_ratio, "seed": seed, "out_dir": str(split)}))
         for arch in teachers:
             folder = root / "teachers" / arch
-            steps.append(Step("teacher", "train-teacher", folder, "summary.json", _drop_empty({
-                "split_dir": str(split), "arch": arch, "out_dir": str(folder), "seed": seed,
-                **options, "overrides": common})))
+            args = _drop_empty({"split_dir": str(split), "arch": arch, "out_dir": str(folder),
+                                "seed": seed, **shared, **teacher_options, "overrides": to_teachers,
+                                **start_point("teacher", arch, mapping, weights_dir, pretrained)})
+            _teacher_config(args)
+            steps.append(Step("teacher", "train-teacher", folder, "summary.json", args))
         for name, extra in students:
             folder = root / "students" / name
             args = _drop_empty({"split_dir": str(split), "teacher_dir": str(root / "teachers"),
                                 "out_dir": str(folder), "seed": seed, **options, **extra,
                                 "overrides": common + tuple(extra.get("overrides", ()))})
+            cfg = _config(args)
+            archs.add(cfg.model.arch)
+            args.update(start_point("student", cfg.model.arch, mapping, weights_dir, pretrained))
             if not args.get("no_teacher"):
-                args["teacher_cache"] = str(root / f"cache-{cache_tag(_config(args))}")
+                args["teacher_cache"] = str(root / f"cache-{cache_tag(cfg)}")
             steps.append(Step("student", "distill", folder, "summary.json", args))
+    unused = sorted(set(mapping) - archs - {"student"})
+    if unused:
+        raise ConfigError(f"--weights {unused[0]}=...: {unused[0]} is no teacher's or student's arch "
+                          f"in this sweep ({', '.join(sorted(archs))}); use one of those, or student=FILE")
     return steps
 
 
@@ -163,6 +257,13 @@ def _config(args: dict) -> Config:
     """The configuration a training command resolves from these arguments (as distill does)."""
     flags = {"model.teachers": (), "model.teacher_weights": ()} if args.get("no_teacher") else None
     return config_from_options("erkt", extra_flags=flags,
+                               **{k: v for k, v in args.items() if k in _CONFIG_ARGS})
+
+
+def _teacher_config(args: dict) -> Config:
+    """The configuration train-teacher resolves from these arguments (its arch, no teachers)."""
+    flags = {"model.arch": args["arch"], "model.teachers": (), "model.teacher_weights": ()}
+    return config_from_options("base", extra_flags=flags,
                                **{k: v for k, v in args.items() if k in _CONFIG_ARGS})
 
 

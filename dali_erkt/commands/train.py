@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 
+from ..config import teacher_weights_note
 from ..data.dataset import load_split
 from ..engine import fit, main_logger, split_loaders
 from ..models import build_ensemble
@@ -53,6 +54,7 @@ def distill(split_dir, out_dir, *, teacher_dir=None, teachers=(), weights=None, 
         if without_teacher:
             task = Supervised(kind="student", ce_weight=1.0 if no_teacher else cfg.loss.ratio)
         else:
+            _note_weights(cfg, main_logger(rt))
             cache = None if teacher_cache is None else \
                 open_cache(teacher_cache, cfg, split, paths, rt, cfg.optim.epochs, main_logger(rt))
             task = Distillation.from_config(teacher_source(ensemble, cache), cfg.loss)
@@ -70,6 +72,7 @@ def cache_teachers(split_dir, teacher_cache, *, teacher_dir=None, teachers=(), c
     rt = resolve_runtime(cfg.run)
     try:
         log = main_logger(rt)
+        _note_weights(cfg, log)
         cache = open_cache(teacher_cache, cfg, split, paths, rt, cfg.optim.epochs, log)
         train, test = split_loaders(split, cfg, rt)
         start = time.time()
@@ -78,6 +81,13 @@ def cache_teachers(split_dir, teacher_cache, *, teacher_dir=None, teachers=(), c
                 "seconds": round(time.time() - start, 2)}
     finally:
         close_process_group()
+
+
+def _note_weights(cfg, log) -> None:
+    """Say once per run how teacher weights that do not sum to 1 are used."""
+    note = teacher_weights_note(cfg.model.teacher_weights)
+    if note:
+        log(note)
 
 
 def _teachers(cfg, split_dir, teacher_dir, teachers):

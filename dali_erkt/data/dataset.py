@@ -7,10 +7,12 @@ image up front and splits refuse files known to be bad.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import posixpath
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Collection, Iterable
 
@@ -19,10 +21,14 @@ import yaml
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import DataError
-from ..io import atomic_write_text
+from ..io import atomic_write
 
 # What DALI and Pillow both decode. Other files are skipped, and `scan_tree` says which.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+# The formats (Pillow's names) DALI's decoders read, tried one by one through its CPU decoder
+# (DALI 2.4): JPEG (MPO: a JPEG with extra frames), PNG, TIFF, BMP, JPEG 2000, WebP, PNM. GIF,
+# ICO, TGA, PCX and the rest stop the pipeline whatever the file's extension says.
+DALI_FORMATS = ("JPEG", "MPO", "PNG", "TIFF", "BMP", "JPEG2000", "WEBP", "PPM")
 PARTS = ("train", "test")
 
 
@@ -145,6 +151,8 @@ class Split:
     train_ratio: float
     seed: int
     stratified: bool
+    # The split folder it was read from ("" if drawn in memory); for messages, not compared.
+    folder: str = field(default="", compare=False)
 
     def _part(self, part: str) -> list[tuple[str, int]]:
         if part not in PARTS:
@@ -211,58 +219,157 @@ def make_split(root, train_ratio: float, seed: int = 0, stratify: bool = True,
     return Split(root, classes, train, test, float(train_ratio), int(seed), bool(stratify))
 
 
+def _listing(items: list[tuple[str, int]]) -> str:
+    return "".join(f"{p}\t{y}\n" for p, y in items)
+
+
+def split_digests(split: Split) -> dict:
+    """SHA-256 of the training list with the classes (`split_sha256`) and of the test list
+    (`test_sha256`): what the teacher cache's key holds (their values must not change)."""
+    train = _listing(split.train) + "|" + "\n".join(split.classes)
+    return {"split_sha256": hashlib.sha256(train.encode()).hexdigest(),
+            "test_sha256": hashlib.sha256(_listing(split.test).encode()).hexdigest()}
+
+
+def split_sha256(split: Split) -> str:
+    """A split's identity: one SHA-256 over its lists (train, test, classes), the same wherever the
+    split folder or the data set lies. A run records it; a resume with another split is refused."""
+    d = split_digests(split)
+    return hashlib.sha256(f"{d['split_sha256']}\n{d['test_sha256']}".encode()).hexdigest()
+
+
+def _write_utf8(path: Path, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    atomic_write(path, write)
+
+
 def save_split(split: Split, out_dir) -> Path:
     """Write the split as file lists into `out_dir` (created if needed); return the folder."""
     out = Path(out_dir)
     for path, _ in split.train + split.test:
         if "\t" in path or "\n" in path:
             raise DataError(f"file name {path!r} contains a tab or newline; rename it")
-    atomic_write_text(out / "classes.txt", "".join(f"{c}\n" for c in split.classes))
+    _write_utf8(out / "classes.txt", "".join(f"{c}\n" for c in split.classes))
     for part in PARTS:
-        atomic_write_text(out / f"{part}.txt", "".join(f"{p}\t{y}\n" for p, y in getattr(split, part)))
+        _write_utf8(out / f"{part}.txt", _listing(getattr(split, part)))
     meta = {
         "root": os.path.abspath(split.root), "train_ratio": split.train_ratio, "seed": split.seed,
         "stratified": split.stratified, "num_classes": len(split.classes),
         "num_train": len(split.train), "num_test": len(split.test),
     }
     # Written last: a folder with split.yaml has all its lists.
-    atomic_write_text(out / "split.yaml", yaml.safe_dump(meta, sort_keys=False))
+    _write_utf8(out / "split.yaml", yaml.safe_dump(meta, sort_keys=False))
     return out
 
 
-def _read_list(path: Path, n_classes: int) -> list[tuple[str, int]]:
-    items = []
-    for no, line in enumerate(path.read_text().splitlines(), 1):
+AGAIN = "write the split again with `dali-erkt split`"
+
+
+def _read_text(path: Path) -> str:
+    """A split file's text; a byte that is not UTF-8 is one line naming the file and the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x}): save "
+                        f"it as UTF-8, or {AGAIN}") from None
+
+
+def _inside(path: str) -> str | None:
+    """`path` normalised, or None where it is absolute or leaves the dataset root (`..`)."""
+    if path.startswith(("/", "\\")) or PurePath(path).is_absolute():
+        return None
+    norm = posixpath.normpath(path)
+    return None if norm == ".." or norm.startswith("../") else norm
+
+
+def _read_list(path: Path, classes: list[str]) -> tuple[list[tuple[str, int]], dict[str, int]]:
+    """The (path, label) lines of train.txt or test.txt, and each normalised path's line number;
+    every line checked: two fields, a known label, a path inside the root listed once, and in a
+    folder-per-class layout (the first folder is a class name) the label of that folder."""
+    n_classes, index = len(classes), {c: i for i, c in enumerate(classes)}
+    items, lines = [], {}
+    for no, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         fields = line.split("\t")
         if len(fields) != 2 or not fields[0] or not (fields[1].isascii() and fields[1].isdigit()) \
                 or int(fields[1]) >= n_classes:
             raise DataError(f"{path} line {no} is malformed ({line[:60]!r}); expected "
-                            f"'relative/path<TAB>label' with a label below {n_classes}; "
-                            "write the split again with `dali-erkt split`")
-        items.append((fields[0], int(fields[1])))
-    return items
+                            f"'relative/path<TAB>label' with a label below {n_classes}; {AGAIN}")
+        rel, label = fields[0], int(fields[1])
+        norm = _inside(rel)
+        if norm is None:
+            raise DataError(f"{path} line {no} lists {rel!r}, which is not inside the dataset folder "
+                            f"(paths are relative to it, without an absolute start or '..'); {AGAIN}")
+        if norm in lines:
+            raise DataError(f"{path} lists {rel} twice (lines {lines[norm]} and {no}): each image is "
+                            f"listed once; remove one line, or {AGAIN}")
+        folder = norm.split("/", 1)[0] if "/" in norm else None
+        if folder in index and index[folder] != label:
+            raise DataError(f"{path} line {no} labels {rel} {label} ({classes[label]!r}) but it lies "
+                            f"in the folder of class {index[folder]} ({folder!r}): fix the label, or "
+                            f"{AGAIN}")
+        lines[norm] = no
+        items.append((rel, label))
+    return items, lines
+
+
+def _read_classes(path: Path) -> list[str]:
+    """classes.txt's names, one a line (blank lines skipped), each given once."""
+    classes, seen = [], {}
+    for no, name in enumerate(_read_text(path).splitlines(), 1):
+        if not name:
+            continue
+        if name in seen:
+            raise DataError(f"{path} line {no} repeats class {name!r} (line {seen[name]}): each class "
+                            f"is named once; {AGAIN}")
+        seen[name] = no
+        classes.append(name)
+    return classes
 
 
 def load_split(split_dir, root=None) -> Split:
-    """Read a split written by `save_split`; `root` overrides the saved dataset folder (moved data)."""
+    """Read a split written by `save_split`; `root` overrides the saved dataset folder (moved data).
+
+    What `split` guarantees is checked again, each defect one line naming the file (and line):
+    UTF-8 text, well-formed lines, every path inside the dataset folder and listed once, labels
+    matching the class folder an image lies in, train and test disjoint (a test image in
+    train.txt is a leak), classes named once and each with a training image, the counts
+    split.yaml records, and every file present."""
     d = Path(split_dir)
     if not d.is_dir():
         raise DataError(f"split folder {d} does not exist; create it with `dali-erkt split`")
     for name in ("split.yaml", "classes.txt", "train.txt", "test.txt"):
         if not (d / name).is_file():
-            raise DataError(f"split folder {d} has no {name}; write the split again with `dali-erkt split`")
+            raise DataError(f"split folder {d} has no {name}; {AGAIN}")
+    text = _read_text(d / "split.yaml")
     try:
-        meta = yaml.safe_load((d / "split.yaml").read_text())
+        meta = yaml.safe_load(text)
         if not isinstance(meta, dict):
             raise ValueError("not a mapping")
         saved_root, ratio = meta["root"], float(meta["train_ratio"])
         seed, stratified = int(meta["seed"]), bool(meta["stratified"])
     except (yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{d / 'split.yaml'} is malformed ({exc}); write the split again") from None
-    classes = [c for c in (d / "classes.txt").read_text().splitlines() if c]
-    train, test = (_read_list(d / f"{part}.txt", len(classes)) for part in PARTS)
+    classes = _read_classes(d / "classes.txt")
+    (train, train_lines), (test, test_lines) = (_read_list(d / f"{part}.txt", classes) for part in PARTS)
+    leaked = [p for p in test_lines if p in train_lines]
+    if leaked:
+        p = min(leaked, key=test_lines.get)
+        raise DataError(f"{p} is listed in both {d / 'train.txt'} (line {train_lines[p]}) and "
+                        f"{d / 'test.txt'} (line {test_lines[p]}): a test image trained on leaks the "
+                        f"test set{f' ({len(leaked)} such images)' if len(leaked) > 1 else ''}; remove "
+                        f"it from one list, or {AGAIN}")
+    trained = {y for _, y in train}
+    untrained = [c for i, c in enumerate(classes) if i not in trained]
+    if untrained:
+        more = f" (and {len(untrained) - 1} more)" if len(untrained) > 1 else ""
+        raise DataError(f"class {untrained[0]!r}{more} of {d / 'classes.txt'} has no image in "
+                        f"{d / 'train.txt'}: every class needs a training image; {AGAIN}")
     for part, items in (("train", train), ("test", test)):
         if f"num_{part}" in meta and meta[f"num_{part}"] != len(items):
             raise DataError(f"{d / (part + '.txt')} lists {len(items)} images but split.yaml says "
@@ -273,7 +380,7 @@ def load_split(split_dir, root=None) -> Split:
         if not os.path.isfile(os.path.join(root, path)):
             raise DataError(f"{path} listed in split {d} is missing under {root}; if the dataset "
                             "moved, pass its new folder as root, otherwise write the split again")
-    return Split(root, classes, train, test, ratio, seed, stratified)
+    return Split(root, classes, train, test, ratio, seed, stratified, folder=os.path.abspath(d))
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,11 +407,17 @@ def load_rgb(path) -> np.ndarray:
 
 
 def why_unreadable(path: str) -> str | None:
-    """Why Pillow cannot decode `path` fully, or None where it can."""
+    """Why training could not decode `path`, or None where it can: a format DALI's decoders do not
+    read (whatever the extension says), or a file Pillow cannot decode fully."""
     try:
         if os.path.getsize(path) == 0:
             return "empty file (0 bytes)"
-        load_rgb(path)
+        with Image.open(path) as im:
+            if im.format not in DALI_FORMATS:
+                return (f"{im.format or 'unknown'} image, a format DALI's decoder cannot read "
+                        "(it reads JPEG, PNG, TIFF, BMP, JPEG 2000, WebP and PNM): convert it")
+            im.load()
+            _to_rgb(im)
         return None
     except FileNotFoundError:
         return "missing"

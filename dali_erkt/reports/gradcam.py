@@ -4,8 +4,8 @@ For a class c and a target layer with activations A (N, K, h, w):
 
     alpha_ck = mean over (h, w) of d y_c / d A_k       (y_c: the class's logit)
     map_c    = ReLU(sum_k alpha_ck A_k), resized to the input bilinearly, then scaled to [0, 1]
-               per image (minus its minimum, over its maximum; a map with no positive evidence
-               is all zeros)
+               per image (minus its minimum, over its range; a map flat up to rounding, with
+               no positive evidence or from a 1 x 1 feature map, is all zeros)
 
 The layer's output is caught by a forward hook and its gradient by `torch.autograd.grad`, so the
 model's parameters get no `.grad`. Own code rather than torchcam or grad-cam: torchcam 0.5 needs
@@ -14,6 +14,7 @@ for what is these few lines.
 """
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -111,9 +112,12 @@ def grad_cam(model: nn.Module, layer: str | nn.Module, x: torch.Tensor,
     if cam.shape[-2:] != x.shape[-2:]:
         cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
     cam = cam[:, 0]
-    cam = cam - cam.amin(dim=(1, 2), keepdim=True)
-    peak = cam.amax(dim=(1, 2), keepdim=True)
-    cam = torch.where(peak > 0, cam / peak.clamp_min(1e-12), torch.zeros_like(cam))
+    low, high = cam.amin(dim=(1, 2), keepdim=True), cam.amax(dim=(1, 2), keepdim=True)
+    span = high - low
+    # A map flat up to rounding (no positive evidence, or a 1 x 1 feature map upsampled) has no
+    # spatial information: all zeros, not its rounding noise scaled up to [0, 1].
+    flat = span <= 1e-5 * high.abs().clamp_min(1e-30)
+    cam = torch.where(flat, torch.zeros_like(cam), (cam - low) / span.clamp_min(1e-30))
     probs = logits.detach().softmax(1).gather(1, target.view(-1, 1))[:, 0]
     return Cam(cam.detach(), target.detach(), probs, predicted.detach())
 
@@ -126,37 +130,89 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5, cmap: str = 
     return np.clip((1.0 - alpha) * image + alpha * heat, 0.0, 1.0)
 
 
-def write_grid(images: Sequence[np.ndarray], row_names: Sequence[str],
-               columns: Sequence[tuple[str, Sequence[np.ndarray], Sequence[str]]], out,
-               title: str = "", panel: float = 1.9, dpi: int = 110) -> Path:
-    """The Grad-CAM grid PNG: one row per image; the image, then one column per model.
+def wrap_label(text: str, width: int) -> str:
+    """`text` with each line broken to at most `width` characters where it can be: at spaces,
+    and inside a long name after `_` or `/` (a piece longer than `width` stays whole)."""
+    out = []
+    for line in str(text).split("\n"):
+        current = ""
+        for piece in re.findall(r"[^ _/]+[ _/]*|[ _/]+", line):
+            if current.strip() and len((current + piece).rstrip()) > width:
+                out.append(current.rstrip())
+                current = piece.lstrip()
+            else:
+                current += piece
+        out.append(current.rstrip())
+    return "\n".join(out)
 
-    `columns`: (heading, one map (H, W) in [0, 1] per image, one caption per image). The PNG is
-    written atomically to `out`.
+
+def chars_per_line(inches: float, fontsize: float) -> int:
+    """About how many characters of DejaVu Sans at `fontsize` fit in `inches` (0.55 em each,
+    its lowercase letters' width; `shrink_to_fit` catches a line of wider ones)."""
+    return max(8, int(inches * 72 / (fontsize * 0.55)))
+
+
+def shrink_to_fit(fig, texts, width_px: float, minimum: float = 5.0) -> None:
+    """Lower the font size of each text artist wider than `width_px` (after a layout pass) until
+    it fits, down to `minimum` points."""
+    for _ in range(3):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        wide = [(t, t.get_window_extent(renderer).width) for t in texts]
+        wide = [(t, w) for t, w in wide if w > width_px and t.get_fontsize() > minimum]
+        if not wide:
+            return
+        for t, w in wide:
+            t.set_fontsize(max(minimum, t.get_fontsize() * width_px / w * 0.97))
+
+
+def grid_figure(images: Sequence[np.ndarray], row_names: Sequence[str],
+                columns: Sequence[tuple[str, Sequence[np.ndarray], Sequence[str]]],
+                title: str = "", panel: float = 1.9, dpi: int = 110):
+    """The Grad-CAM grid as a matplotlib Figure (Agg canvas, constrained layout): one row per
+    image; the image, then one column per model. Headings, captions and the title are wrapped to
+    their column (the title to the figure) and shrunk where a piece still does not fit, so none
+    overlaps another or leaves the figure.
+
+    `columns`: (heading, one map (H, W) in [0, 1] per image, one caption per image).
     """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     rows, cols = len(images), 1 + len(columns)
     if not rows or any(len(maps) != rows or len(caps) != rows for _, maps, caps in columns):
         raise ValueError(f"need one map and one caption per image ({rows}) in every column")
-    title = textwrap.fill(title, width=max(30, int(panel * cols * 13)))  # 8 pt characters per inch
-    head = 0.2 + (0.16 * (title.count("\n") + 1) if title else 0.0)  # inches above the grid
-    fig = Figure(figsize=(panel * cols, (panel + 0.35) * rows + head), dpi=dpi)
+    fig = Figure(figsize=(panel * cols, (panel + 0.45) * rows + 0.6), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.get_layout_engine().set(w_pad=0.04, h_pad=0.04, wspace=0.04, hspace=0.02)
     axes = fig.subplots(rows, cols, squeeze=False)
+    caption = chars_per_line(panel, 7)
     for r, image in enumerate(images):
         axes[r, 0].imshow(image)
-        axes[r, 0].set_xlabel(row_names[r], fontsize=7)
+        axes[r, 0].set_xlabel(wrap_label(row_names[r], caption), fontsize=7)
         for c, (_, maps, caps) in enumerate(columns, start=1):
             axes[r, c].imshow(overlay(image, np.asarray(maps[r])))
-            axes[r, c].set_xlabel(caps[r], fontsize=7)
-    for c, heading in enumerate(["image"] + [h for h, _, _ in columns]):
-        axes[0, c].set_title(heading, fontsize=8)
+            axes[r, c].set_xlabel(wrap_label(caps[r], caption), fontsize=7)
+    heading = chars_per_line(panel, 8)
+    titles = [axes[0, c].set_title(wrap_label(h, heading), fontsize=8)
+              for c, h in enumerate(["image"] + [h for h, _, _ in columns])]
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
+    texts = titles + [ax.xaxis.label for ax in axes.flat]
+    shrink_to_fit(fig, texts, fig.bbox.width / cols * 0.95)
     if title:
-        fig.suptitle(title, fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 1 - (head - 0.2) / fig.get_figheight()))
+        sup = fig.suptitle(textwrap.fill(title, width=chars_per_line(panel * cols, 8)), fontsize=8)
+        shrink_to_fit(fig, [sup], fig.bbox.width * 0.98)
+    return fig
+
+
+def write_grid(images: Sequence[np.ndarray], row_names: Sequence[str],
+               columns: Sequence[tuple[str, Sequence[np.ndarray], Sequence[str]]], out,
+               title: str = "", panel: float = 1.9, dpi: int = 110) -> Path:
+    """The Grad-CAM grid PNG (`grid_figure`), written atomically to `out`."""
+    fig = grid_figure(images, row_names, columns, title, panel, dpi)
     out = Path(out)
-    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight",
+                                              pad_inches=0.05))
     return out

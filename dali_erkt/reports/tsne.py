@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import math
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -94,10 +95,13 @@ def class_colours(n: int) -> np.ndarray:
     return colormaps["hsv"](np.linspace(0, 1, n, endpoint=False))
 
 
-def write_tsne_png(out, coords: np.ndarray, labels: Sequence[int], class_names: Sequence[str],
-                   predicted: Sequence[int] | None = None, title: str = "", dpi: int = 120) -> Path:
-    """Scatter of `coords` coloured by true class, one legend entry per class; where
-    `predicted` is given, misclassified points are drawn as crosses."""
+def tsne_figure(coords: np.ndarray, labels: Sequence[int], class_names: Sequence[str],
+                predicted: Sequence[int] | None = None, title: str = "", dpi: int = 120):
+    """The t-SNE map as a matplotlib Figure (Agg canvas, constrained layout): a scatter of
+    `coords` coloured by true class, one legend entry per class beside it; where `predicted` is
+    given, misclassified points are drawn as crosses. The title is the figure's, wrapped to its
+    width, so it is never wider than the figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
@@ -107,7 +111,9 @@ def write_tsne_png(out, coords: np.ndarray, labels: Sequence[int], class_names: 
     colours = class_colours(len(names))
     wrong = (np.asarray(predicted) != labels) if predicted is not None else np.zeros(len(labels), bool)
     ncol = 1 if len(names) <= 16 else 2 if len(names) <= 32 else 3
-    fig = Figure(figsize=(6.2 + 1.7 * ncol, 6.0), dpi=dpi)
+    width = 6.2 + 1.7 * ncol
+    fig = Figure(figsize=(width, 6.0), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     size = 22 if len(labels) <= 2000 else 8
     for k, name in enumerate(names):
@@ -127,8 +133,15 @@ def write_tsne_png(out, coords: np.ndarray, labels: Sequence[int], class_names: 
     ax.set_xlabel("t-SNE 1")
     ax.set_ylabel("t-SNE 2")
     if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+        fig.suptitle(textwrap.fill(title, width=max(30, int(width * 72 / (9 * 0.6)))), fontsize=9)
+    return fig
+
+
+def write_tsne_png(out, coords: np.ndarray, labels: Sequence[int], class_names: Sequence[str],
+                   predicted: Sequence[int] | None = None, title: str = "", dpi: int = 120) -> Path:
+    """The t-SNE map PNG (`tsne_figure`), written atomically to `out`."""
+    fig = tsne_figure(coords, labels, class_names, predicted, title, dpi)
     out = Path(out)
-    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight",
+                                              pad_inches=0.05))
     return out
