@@ -78,8 +78,9 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """`text` as UTF-8 (whatever the locale), atomically."""
     def write(tmp: str) -> None:
-        with open(tmp, "w") as fh:
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
     atomic_write(path, write)
 

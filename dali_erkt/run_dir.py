@@ -40,7 +40,7 @@ import yaml
 
 from .checkpoint import save_checkpoint
 from .config import Config, save_config, to_dict
-from .errors import ConfigError, WriteError
+from .errors import ConfigError, DataError, WriteError
 from .io import atomic_write, atomic_write_text, remove_stale_temporaries
 from .run_state import RunState, read_run
 
@@ -273,7 +273,6 @@ class RunDir:
 # in one line) -----------------------------------------------------------------------------------
 
 def _not_ours(path, why: str):
-    from .errors import DataError
     return DataError(f"{path} is not a dali-erkt run's file ({why}): it is damaged or another "
                      "tool's; rerun that run, or leave its folder out")
 

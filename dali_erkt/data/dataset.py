@@ -21,7 +21,7 @@ import yaml
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import DataError
-from ..io import atomic_write
+from ..io import atomic_write_text
 
 # What DALI and Pillow both decode. Other files are skipped, and `scan_tree` says which.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
@@ -238,29 +238,22 @@ def split_sha256(split: Split) -> str:
     return hashlib.sha256(f"{d['split_sha256']}\n{d['test_sha256']}".encode()).hexdigest()
 
 
-def _write_utf8(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-    atomic_write(path, write)
-
-
 def save_split(split: Split, out_dir) -> Path:
     """Write the split as file lists into `out_dir` (created if needed); return the folder."""
     out = Path(out_dir)
     for path, _ in split.train + split.test:
         if "\t" in path or "\n" in path:
             raise DataError(f"file name {path!r} contains a tab or newline; rename it")
-    _write_utf8(out / "classes.txt", "".join(f"{c}\n" for c in split.classes))
+    atomic_write_text(out / "classes.txt", "".join(f"{c}\n" for c in split.classes))
     for part in PARTS:
-        _write_utf8(out / f"{part}.txt", _listing(getattr(split, part)))
+        atomic_write_text(out / f"{part}.txt", _listing(getattr(split, part)))
     meta = {
         "root": os.path.abspath(split.root), "train_ratio": split.train_ratio, "seed": split.seed,
         "stratified": split.stratified, "num_classes": len(split.classes),
         "num_train": len(split.train), "num_test": len(split.test),
     }
     # Written last: a folder with split.yaml has all its lists.
-    _write_utf8(out / "split.yaml", yaml.safe_dump(meta, sort_keys=False))
+    atomic_write_text(out / "split.yaml", yaml.safe_dump(meta, sort_keys=False))
     return out
 
 
