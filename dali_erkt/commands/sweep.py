@@ -25,6 +25,7 @@ from pathlib import Path
 from ..config import Config
 from ..errors import ConfigError
 from .common import FLAG_KEYS, config_from_options
+from . import data as data_commands, train
 
 B3_WEIGHTS = (0.1, 0.3, 0.5, 0.7, 0.9)
 TABLES = {  # the named tables: what each one varies
@@ -254,17 +255,15 @@ def cache_tag(cfg: Config) -> str:
 
 
 def _config(args: dict) -> Config:
-    """The configuration a training command resolves from these arguments (as distill does)."""
-    flags = {"model.teachers": (), "model.teacher_weights": ()} if args.get("no_teacher") else None
-    return config_from_options("erkt", extra_flags=flags,
-                               **{k: v for k, v in args.items() if k in _CONFIG_ARGS})
+    """The configuration distill resolves from a student step's arguments (its weights file is
+    checked by `start_point`, not hashed here)."""
+    return train.student_config(no_teacher=bool(args.get("no_teacher")),
+                          **{k: v for k, v in args.items() if k in _CONFIG_ARGS})
 
 
 def _teacher_config(args: dict) -> Config:
-    """The configuration train-teacher resolves from these arguments (its arch, no teachers)."""
-    flags = {"model.arch": args["arch"], "model.teachers": (), "model.teacher_weights": ()}
-    return config_from_options("base", extra_flags=flags,
-                               **{k: v for k, v in args.items() if k in _CONFIG_ARGS})
+    """The configuration train-teacher resolves from a teacher step's arguments."""
+    return train.teacher_config(args["arch"], **{k: v for k, v in args.items() if k in _CONFIG_ARGS})
 
 
 def _drop_empty(args: dict) -> dict:
@@ -273,16 +272,13 @@ def _drop_empty(args: dict) -> dict:
 
 def _function(command: str):
     """The library function a command line's command calls."""
-    from .data import split
-    from .train import distill, train_teacher
-    return {"split": split, "train-teacher": train_teacher, "distill": distill}[command]
+    return {"split": data_commands.split, "train-teacher": train.train_teacher,
+            "distill": train.distill}[command]
 
 
 def run(steps: list[Step], line, log) -> dict:
     """Run each step not done yet in this process (resuming a started run); `line(command, args)`
     renders what runs for the log."""
-    from .data import skipped_line
-
     counts = {"done": 0, "ran": 0, "resumed": 0}
     for step in steps:
         if (step.folder / step.done).exists():
@@ -296,8 +292,8 @@ def run(steps: list[Step], line, log) -> dict:
             counts["ran"] += 1
         log(f"sweep: {line(step.command, args)}")
         result = _function(step.command)(**args)
-        if step.kind == "split" and skipped_line(result["skipped"]):
-            log(skipped_line(result["skipped"]))
+        if step.kind == "split" and data_commands.skipped_line(result["skipped"]):
+            log(data_commands.skipped_line(result["skipped"]))
     return counts
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from ..config import teacher_weights_note
+from ..config import Config, teacher_weights_note
 from ..data.dataset import load_split
 from ..engine import fit, main_logger, split_loaders
 from ..models import build_ensemble
@@ -14,14 +14,28 @@ from ..runtime import close_process_group, resolve_runtime
 from .common import config_from_options, resume_base, teacher_paths, weights_flags
 
 
+def teacher_config(arch, *, weights=None, pretrained=False, **options) -> Config:
+    """The configuration train-teacher resolves: the `base` preset by default, `arch`, no teachers."""
+    flags = {"model.arch": arch, "model.teachers": (), "model.teacher_weights": (),
+             **weights_flags(weights, pretrained)}
+    return config_from_options("base", extra_flags=flags, **options)
+
+
+def student_config(*, weights=None, pretrained=False, no_teacher=False, **options) -> Config:
+    """The configuration distill resolves: the `erkt` preset by default; `no_teacher` drops the
+    teachers."""
+    flags = weights_flags(weights, pretrained)
+    if no_teacher:
+        flags.update({"model.teachers": (), "model.teacher_weights": ()})
+    return config_from_options("erkt", extra_flags=flags, **options)
+
+
 def train_teacher(split_dir, arch, out_dir, *, weights=None, pretrained=False, resume=False,
                   allow_changes=False, progress=True, config_path=None, **options) -> dict:
     """Fine-tune one teacher on a split with CutMix cross-entropy (the `base` preset by default).
     Its config.yaml names the architecture it trained and no teachers."""
-    flags = {"model.arch": arch, "model.teachers": (), "model.teacher_weights": (),
-             **weights_flags(weights, pretrained)}
-    cfg = config_from_options("base", config_path=resume_base(resume, out_dir, config_path),
-                              extra_flags=flags, **options)
+    cfg = teacher_config(arch, weights=weights, pretrained=pretrained,
+                         config_path=resume_base(resume, out_dir, config_path), **options)
     split = load_split(split_dir)
     rt = resolve_runtime(cfg.run)
     try:
@@ -39,11 +53,8 @@ def distill(split_dir, out_dir, *, teacher_dir=None, teachers=(), weights=None, 
     where it holds them, else written. `no_teacher`, loss.kind = none (R * CE) or loss.ratio = 2
     (the teacher's term has weight 0) train the student on its own, without running any
     teacher: the paper's Base."""
-    flags = weights_flags(weights, pretrained)
-    if no_teacher:
-        flags.update({"model.teachers": (), "model.teacher_weights": ()})
-    cfg = config_from_options("erkt", config_path=resume_base(resume, out_dir, config_path),
-                              extra_flags=flags, **options)
+    cfg = student_config(weights=weights, pretrained=pretrained, no_teacher=no_teacher,
+                         config_path=resume_base(resume, out_dir, config_path), **options)
     without_teacher = no_teacher or cfg.loss.kind == "none" or cfg.loss.ratio == 2.0
     if without_teacher:
         split = load_split(split_dir)
