@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import ConfigError
-from .common import FLAG_KEYS, config_from_options
+from .common import FLAG_KEYS
 from . import data as data_commands, train
 
 B3_WEIGHTS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -298,36 +298,22 @@ def run(steps: list[Step], line, log) -> dict:
 
 
 def ensemble_table(seed_root: Path, options=None) -> dict:
-    """Table 6's ensemble OA per EfficientNet-B3 weight: the teachers' test logits computed once,
+    """Table 6's ensemble OA per EfficientNet-B3 weight: the teachers' test logits read once (from
+    the seed's teacher cache where it holds them, else computed: `report.member_test_logits`),
     then combined per weight (no training). Written to `ensemble.json`. `options` as `plan`'s."""
-    import torch
-
-    from ..config import to_dict
-    from ..run_state import stored_config
-    from ..data.dataset import load_split
-    from ..data.loader import DaliLoader
     from ..io import atomic_write_text
-    from ..models import build_ensemble, combine_logits, place
-    from ..runtime import resolve_runtime
-    from ..teachers import predict_members
+    from .report import ensemble_oa, member_test_logits
 
     options = {k: v for k, v in (options or {}).items() if k in _CONFIG_ARGS and k != "seed"}
-    teachers = _config(options).model.teachers
-    paths = [seed_root / "teachers" / a / "last.pt" for a in teachers]
-    stored = stored_config(paths[0])  # the teachers' image size and normalisation
-    cfg = config_from_options("erkt", base={"data": to_dict(stored.data)}, **options)
-    split = load_split(seed_root / "split")
-    m = cfg.model
-    ens = build_ensemble(m.teachers, paths, m.teacher_weights, m.combine, split.classes)
-    rt = resolve_runtime(cfg.run)
-    loader = DaliLoader.from_split(split, "test", cfg, device=rt.device, train=False)
-    members = predict_members(place(ens, rt.device, rt.channels_last), loader, rt).float()
-    labels = torch.tensor(split.labels("test"), device=members.device)
-    oa = {}
-    for w in B3_WEIGHTS:
-        weights = torch.tensor(b3_weights(w, len(teachers)), device=members.device)
-        logits = combine_logits(members, (weights / weights.sum()).view(-1, 1, 1), m.combine)
-        oa[str(w)] = float((logits.argmax(1) == labels).float().mean())
+    cfg = _config(options)
+    teachers = cfg.model.teachers
+    found = member_test_logits(seed_root, teachers, cfg.run.device)
+    if found is None:
+        raise ConfigError(f"{seed_root / 'teachers'} lacks a teacher's last.pt ({', '.join(teachers)}): "
+                          "run the sweep's teacher steps first")
+    members, labels = found[0], found[1]
+    oa = {str(w): ensemble_oa(members, labels, b3_weights(w, len(teachers)), cfg.model.combine)[0]
+          for w in B3_WEIGHTS}
     result = {"teachers": list(teachers), "ensemble_oa": oa}
     atomic_write_text(seed_root / "ensemble.json", json.dumps(result, indent=2) + "\n")
     return result
