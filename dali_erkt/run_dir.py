@@ -253,11 +253,11 @@ class RunDir:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
 
         from .metrics import overall_accuracy
-        from .reports.confusion import _figure
+        from .reports.confusion import confusion_figure
         cm = np.asarray(cm)
         oa = overall_accuracy(cm)
         score = "n/a" if np.isnan(oa) else f"{oa:.2%}"
-        fig = _figure(cm, list(classes), f"epoch {epoch} - OA {score} ({int(cm.sum())} samples)")
+        fig = confusion_figure(cm, list(classes), f"epoch {epoch} - OA {score} ({int(cm.sum())} samples)")
         canvas = FigureCanvasAgg(fig)
         canvas.draw()
         image = np.asarray(canvas.buffer_rgba())[..., :3].copy()  # (H, W, 3) uint8

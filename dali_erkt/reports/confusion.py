@@ -19,7 +19,7 @@ def _write_csv(cm: np.ndarray, names: Sequence[str], tmp: str) -> None:
             w.writerow([name, *(int(v) for v in row)])
 
 
-def _figure(cm: np.ndarray, names: Sequence[str], title: str):
+def confusion_figure(cm: np.ndarray, names: Sequence[str], title: str):
     # Figure without pyplot: no global state, no backend switch, safe in threads; savefig to
     # PNG renders with Agg.
     from matplotlib.figure import Figure
@@ -73,7 +73,7 @@ def write_confusion(cm, class_names: Sequence[str], out_dir, stem: str = "confus
     oa = overall_accuracy(cm)
     score = "n/a" if np.isnan(oa) else f"{oa:.2%}"
     heading = f"{title or 'confusion matrix'} - OA {score} ({int(cm.sum())} samples)"
-    fig = _figure(cm, names, heading)
+    fig = confusion_figure(cm, names, heading)
     # The temporary name ends in .tmp, so the format must be named.
     atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png"))
     return csv_path, png_path
