@@ -116,3 +116,42 @@ def test_views_are_real_pipeline_batches_matching_the_plan(tree):
     first = {int(k): views[0][2][j] for j, k in enumerate(views[0][1].indices)}
     second = {int(k): views[1][2][j] for j, k in enumerate(views[1][1].indices)}
     assert not np.allclose(first[0], second[0])
+
+
+def test_the_grid_outlines_each_boxed_units_box_from_the_unit_table():
+    """Erasing's box is the erased area as the final view shows it (moved and scaled by a later
+    resized crop, None where the crop left it out); CutMix's is the pasted box."""
+    from dali_erkt.data.plan import make_batch_plan
+    from dali_erkt.data.units import UNIT_TABLE
+
+    units = {u.name: u for u in UNIT_TABLE}
+    assert {n for n, u in units.items() if u.box} == {"erasing", "cutmix"}
+    size, n = 64, 200
+    vsm = default_config("erkt").vsm
+    vsm.erasing.p, vsm.resized_crop.p = 1.0, 0.0
+    plan = make_batch_plan(vsm, size, 0, 0, 0, np.arange(n))
+    fitted = [j for j in range(n) if plan.erase_box[j, 2] and plan.erase_box[j, 3]]
+    assert len(fitted) > n // 2
+    for j in fitted:  # no crop: the box as erased
+        assert units["erasing"].box(plan, j, size) == tuple(float(v) for v in plan.erase_box[j])
+    vsm.resized_crop.p = 1.0
+    plan = make_batch_plan(vsm, size, 0, 0, 0, np.arange(n))
+    shown = left_out = 0
+    for j in range(n):
+        y, x, h, w = (float(v) for v in plan.erase_box[j])
+        cy, cx, ch, cw = (float(v) for v in plan.crop_box[j])
+        box = units["erasing"].box(plan, j, size)
+        inside = h and w and min(y + h, cy + ch) > max(y, cy) and min(x + w, cx + cw) > max(x, cx)
+        if not inside:
+            assert box is None
+            left_out += 1
+            continue
+        shown += 1
+        by, bx, bh, bw = box  # the intersection, in the crop's frame, scaled to the view
+        assert by == pytest.approx((max(y, cy) - cy) * size / ch)
+        assert bx == pytest.approx((max(x, cx) - cx) * size / cw)
+        assert 0 <= by and 0 <= bx and by + bh <= size + 1e-9 and bx + bw <= size + 1e-9
+    assert shown > 0 and left_out > 0
+    fired = [j for j in range(n) if plan.gates["cutmix"][j]]
+    assert fired and all(units["cutmix"].box(plan, j, size) ==
+                         tuple(float(v) for v in plan.cutmix_box) for j in fired)

@@ -107,21 +107,6 @@ def describe(plan: BatchPlan, j: int, row_names: list[str]) -> str:
     return textwrap.fill(", ".join(parts) or "(nothing fired)", width=34)
 
 
-def _erase_box_shown(plan: BatchPlan, j: int, size: int):
-    """The erased box in the final image: a resized crop after erasing moves and scales it."""
-    y, x, h, w = (float(v) for v in plan.erase_box[j])
-    if not (plan.gates["erasing"][j] and h and w):
-        return None
-    if plan.gates["resized_crop"][j]:
-        cy, cx, ch, cw = (float(v) for v in plan.crop_box[j])
-        y0, x0 = max(y, cy), max(x, cx)
-        y1, x1 = min(y + h, cy + ch), min(x + w, cx + cw)
-        if y1 <= y0 or x1 <= x0:
-            return None  # the crop left the erased area out
-        y, x, h, w = (y0 - cy) * size / ch, (x0 - cx) * size / cw, (y1 - y0) * size / ch, (x1 - x0) * size / cw
-    return y, x, h, w
-
-
 def augmented_views(paths, labels, cfg: Config, device, seed: int, views: int):
     """Yield (epoch, plan, images HWC [0, 1]) from the real DALI loader over these images only
     (`device`: a device or the command's `Runtime`, as `DaliLoader.from_config` takes it).
@@ -182,22 +167,19 @@ def render_grid(root, samples, classes, cfg: Config, out, rows: int = 6, views: 
             ax = axes[int(k), 1 + epoch]
             ax.imshow(images[j])
             ax.set_xlabel(describe(plan, j, names), fontsize=5.5)
-            box = _erase_box_shown(plan, j, size)
-            if box is not None:
-                y, x, h, w = box
-                ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, ec="cyan", lw=0.8))
-            if plan.gates["cutmix"][j]:
-                y, x, h, w = (int(v) for v in plan.cutmix_box)
-                ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, ec="yellow",
-                                       lw=1.2, ls="--"))
+            for unit in UNIT_TABLE:  # the boxes of the units that fired and have one
+                box = unit.box(plan, j, size) if unit.box and plan.gates[unit.name][j] else None
+                if box is not None:
+                    y, x, h, w = box
+                    ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, **unit.box_style))
     for c in range(cols):
         axes[0, c].set_title("original (resized)" if c == 0 else f"epoch {c - 1}", fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
+    legend = "; ".join(u.box_legend for u in UNIT_TABLE if u.box)
     fig.suptitle(f"VSM preview, preset {cfg.preset}, seed {seed}: real DALI views per epoch. "
-                 "Yellow dashed = CutMix box pasted from the named partner; cyan = erased box.",
-                 fontsize=8)
+                 f"{legend[0].upper() + legend[1:]}.", fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.985))
     out = Path(out)
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=130))

@@ -16,7 +16,7 @@ and, if it changes the default views, a new VIEWS_VERSION and digests in tests/t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -48,7 +48,9 @@ class Unit:
     [0, 255] HWC images. `twin` is torchvision's version on [0, 1] CHW images, run where the gate
     fired: `twin(img, plan, i, cfg, size, mean)` per sample, `twin(images, plan, cfg, size,
     mean)` for a per-batch unit. `describe(plan, j, row_names)`: the preview's text for a sample
-    j whose gate fired.
+    j whose gate fired; `box(plan, j, size)`, where a unit has one, the box the preview outlines
+    on that sample's final view ((y, x, h, w) in pixels, or None), drawn as `box_style`
+    (matplotlib Rectangle keywords) and named in the grid's title as `box_legend`.
     """
     name: str
     gate_stream: int
@@ -61,6 +63,9 @@ class Unit:
     inputs: tuple[str, ...] = ()
     feed: Callable = lambda plan, size: {}
     per_batch: bool = False
+    box: Callable | None = None
+    box_style: dict = field(default_factory=dict)
+    box_legend: str = ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,6 +345,22 @@ def _describe_erase(plan, j, row_names) -> str:
     return f"erase {w}x{h}" if h and w else "erase (no box fits)"
 
 
+def _erase_box_shown(plan, j: int, size: int):
+    """The erased box in the final view: a resized crop after erasing moves and scales it (None
+    where no box fitted or the crop left the erased area out)."""
+    y, x, h, w = (float(v) for v in plan.erase_box[j])
+    if not (h and w):
+        return None
+    if plan.gates["resized_crop"][j]:
+        cy, cx, ch, cw = (float(v) for v in plan.crop_box[j])
+        y0, x0 = max(y, cy), max(x, cx)
+        y1, x1 = min(y + h, cy + ch), min(x + w, cx + cw)
+        if y1 <= y0 or x1 <= x0:
+            return None
+        y, x, h, w = (y0 - cy) * size / ch, (x0 - cx) * size / cw, (y1 - y0) * size / ch, (x1 - x0) * size / cw
+    return y, x, h, w
+
+
 def _describe_cutmix(plan, j, row_names) -> str:
     k = int(plan.cutmix_perm[j])
     partner = "self (unchanged)" if k == j else row_names[int(plan.indices[k])]
@@ -370,11 +391,15 @@ UNIT_TABLE: tuple[Unit, ...] = (
          twin=lambda img, *_: F.autocontrast(img), describe=_text("autocontrast")),
     Unit("erasing", gate_stream=6, conditional=False, streams=range(32, 96), draw=_draw_erase,
          inputs=("erase_anchor", "erase_shape"), feed=_feed_erase, dali=_dali_erase,
-         twin=_twin_erase, describe=_describe_erase),
+         twin=_twin_erase, describe=_describe_erase, box=_erase_box_shown,
+         box_style={"ec": "cyan", "lw": 0.8}, box_legend="cyan = erased box"),
     Unit("resized_crop", gate_stream=7, streams=range(96, 160), draw=_draw_crop,
          inputs=("crop_start", "crop_end"), feed=_feed_crop, dali=_dali_crop, twin=_twin_crop,
          describe=lambda plan, j, row_names: f"crop {plan.crop_box[j, 3]}x{plan.crop_box[j, 2]}"),
     Unit("cutmix", gate_stream=9, per_batch=True, conditional=False, draw=_draw_cutmix,
          inputs=("paste_ids", "paste_anchors", "paste_shapes"), feed=_feed_cutmix,
-         dali=_dali_cutmix, twin=_twin_cutmix, describe=_describe_cutmix),
+         dali=_dali_cutmix, twin=_twin_cutmix, describe=_describe_cutmix,
+         box=lambda plan, j, size: tuple(float(v) for v in plan.cutmix_box),
+         box_style={"ec": "yellow", "lw": 1.2, "ls": "--"},
+         box_legend="yellow dashed = CutMix box pasted from the named partner"),
 )
