@@ -39,11 +39,14 @@ WRITE_ADVICE = "free some space, or choose a writable --out"
 @contextlib.contextmanager
 def writing(path, advice: str = WRITE_ADVICE):
     """Turn an OSError raised inside the block (full disk, read-only folder, a file where a folder
-    should be) into one `WriteError` line naming `path`."""
+    should be) into one `WriteError` line naming `path` (and the file in the way, where a folder
+    above it is a file: mkdir says only "File exists")."""
     try:
         yield
     except OSError as exc:
-        why = exc.strerror or str(exc).splitlines()[0]
+        above = next((p for p in Path(path).parents if p.exists()), None)
+        why = f"{above} is a file, not a folder" if above is not None and not above.is_dir() \
+            else exc.strerror or str(exc).splitlines()[0]
         raise WriteError(f"cannot write {path}: {why}; {advice}") from None
 
 
@@ -54,24 +57,23 @@ def make_folder(path, advice: str = WRITE_ADVICE) -> Path:
     return Path(path)
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)` on a temporary file beside `path`, fsync it, then rename it over `path`."""
+def atomic_write(path: Path, write: Callable[[str], None], advice: str = WRITE_ADVICE) -> None:
+    """Call `write(tmp_path)` on a temporary file beside `path`, fsync it, then rename it over
+    `path`; a failure is one `WriteError` line ending in `advice`."""
     path = Path(path)
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-        os.fchmod(fd, 0o666 & ~_umask())
-        os.close(fd)
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        _sync_dir(path.parent)
-    except OSError as exc:
-        why = exc.strerror or str(exc).splitlines()[0]
-        raise WriteError(f"cannot write {path}: {why}; {WRITE_ADVICE}") from None
+        with writing(path, advice):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+            os.fchmod(fd, 0o666 & ~_umask())
+            os.close(fd)
+            write(tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            tmp = None
+            _sync_dir(path.parent)
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)

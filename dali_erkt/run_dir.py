@@ -40,8 +40,8 @@ import yaml
 
 from .checkpoint import save_checkpoint
 from .config import Config, save_config, to_dict
-from .errors import ConfigError, DataError, WriteError
-from .io import atomic_write, atomic_write_text, remove_stale_temporaries
+from .errors import ConfigError, DataError
+from .io import atomic_write, atomic_write_text, make_folder, remove_stale_temporaries, writing
 from .run_state import RunState, read_run
 
 TENSORBOARD_NEEDS = ('run.tensorboard (--tensorboard) needs the tensorboard package: '
@@ -109,11 +109,8 @@ class RunDir:
         if self._lock is not None:
             return
         path = self.path / "run.lock"
-        try:
+        with writing(path, "choose a writable --out"):
             lock = open(path, "a+")
-        except OSError as exc:
-            raise WriteError(f"cannot write {path}: {exc.strerror or exc}; choose a writable --out") \
-                from None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if not path.exists() or os.stat(path).st_ino != os.fstat(lock.fileno()).st_ino:
@@ -165,11 +162,7 @@ class RunDir:
     def write_config(self, cfg: Config) -> None:
         """Take the folder's lock, then write config.yaml (creating the folder)."""
         if self.main:
-            try:
-                self.path.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise WriteError(f"cannot write {self.path}: {exc.strerror or exc}; free some space, "
-                                 "or choose a writable --out") from None
+            make_folder(self.path)
             self._hold_lock()
             save_config(cfg, self.config)
             self._epochs = cfg.optim.epochs

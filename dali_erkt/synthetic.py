@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import WriteError
+from .io import writing
 
 SCENE_CLASSES = ("farmland", "forest", "river", "residential", "desert", "parking", "lake", "airport")
 
@@ -233,7 +233,7 @@ def make_scenes(root, classes: int = 6, per_class: int = 60, size: int = 64, see
                          f"(got {per_class}, {size}, {seed})")
     root = Path(root)
     save_args = {"quality": 90} if _FORMATS[fmt] == "JPEG" else {}
-    try:
+    with writing(root, "choose a writable --out"):
         for k, name in enumerate(SCENE_CLASSES[: int(classes)]):
             folder = root / name
             folder.mkdir(parents=True, exist_ok=True)
@@ -241,8 +241,4 @@ def make_scenes(root, classes: int = 6, per_class: int = 60, size: int = 64, see
                 rng = np.random.Generator(np.random.PCG64([int(seed), k, i]))
                 pixels = render_scene(name, rng, int(size))
                 Image.fromarray(pixels).save(folder / f"{name}_{i:04d}.{fmt}", _FORMATS[fmt], **save_args)
-    except OSError as exc:
-        why = exc.strerror or str(exc).splitlines()[0]
-        raise WriteError(f"cannot write the generated scenes into {root}: {why}; choose a writable "
-                         "--out") from None
     return root

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, ConfigError, DataError, WriteError
+from ..errors import CheckpointError, ConfigError, DataError
 from ..io import atomic_write
 from ..models import load_trained
 
@@ -84,14 +84,7 @@ def real_batch(source, image_size: int, mean, std, limit: int = 8) -> tuple[torc
 
 def _write(path: Path, write, option: str) -> None:
     """`io.atomic_write`, its one line naming this command's option instead of --out."""
-    above = next((p for p in Path(path).parents if p.exists()), None)
-    if above is not None and not above.is_dir():  # mkdir would say only "File exists"
-        raise WriteError(f"cannot write {path}: {above} is a file, not a folder; choose another "
-                         f"{option}")
-    try:
-        atomic_write(path, write)
-    except WriteError as exc:
-        raise WriteError(str(exc).replace("a writable --out", f"a writable {option}")) from None
+    atomic_write(path, write, advice=f"free some space, or choose a writable {option}")
 
 
 def _prepare(checkpoint, image_size, batch_images, max_images: int, seed: int):
